@@ -1,0 +1,207 @@
+"""Command line: `distillad train | test | predict | demo`.
+
+Every user-facing failure (bad data, missing weights, unfinished run, bad option) ends in one line naming the file
+and the problem, exit code 2; set DISTILLAD_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with the value parsed as YAML, so numbers, booleans and lists work: levels=[2,3]."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distillad import __version__
+    from distillad.backbones import BACKBONE_NAMES
+    from distillad.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="distillad",
+        description="Unsupervised visual anomaly detection by teacher-student knowledge distillation.")
+    parser.add_argument("--version", action="version", version=f"distillad {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+        sub.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train", help="train a model on defect-free images",
+                                description="Train on the defect-free images of a category; a seeded share is held "
+                                            "out to calibrate the normal/defective threshold.")
+    train.add_argument("--method", choices=sorted(METHODS), default=None, help="default: dskd")
+    train.add_argument("--data", required=True, type=Path,
+                       help="a category folder in the MVTec layout (train/good, test/<type>, ground_truth/<type>) "
+                            "or a plain folder of defect-free images")
+    train.add_argument("--out", required=True, type=Path, help="run folder to create")
+    train.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="teacher (default efficientnet_lite0)")
+    train.add_argument("--weights", default=None, help="local teacher checkpoint file (ResNet family)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--image-size", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--val-fraction", type=float, default=None, help="share of train/good held out (default 0.1)")
+    train.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
+    train.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="a method switch, e.g. --option df_input=teacher --option levels=[2,3]")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    common(train)
+
+    test = commands.add_parser("test", help="evaluate a run on a labelled test split",
+                               description="Image AUROC, pixel AUROC, AUPRO@0.3 and F1-max on the test images.")
+    test.add_argument("--run", required=True, type=Path)
+    test.add_argument("--data", required=True, type=Path, help="category folder in the MVTec layout")
+    test.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    test.add_argument("--batch-size", type=int, default=16)
+    common(test)
+
+    predict = commands.add_parser("predict", help="score images with a trained run",
+                                  description="Writes OUT/predictions.csv, OUT/heatmaps/*.png and OUT/masks/*.png.")
+    predict.add_argument("--run", required=True, type=Path)
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--no-images", action="store_true", help="only the CSV, no heatmaps or masks")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing predictions.csv in --out")
+    common(predict)
+
+    demo = commands.add_parser("demo", help="generate a synthetic inspection set, train DSKD, test and predict",
+                               description="Runs the whole job on built-in synthetic data; no download needed.")
+    demo.add_argument("--out", type=Path, default=Path("distillad_demo"))
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    demo.add_argument("--overwrite", action="store_true")
+    common(demo)
+    return parser
+
+
+def load_category(path: Path, *, val_fraction: float, seed: int):
+    """MVTec layout when the folder has train/ (or validation/), else a plain folder of defect-free images."""
+    from distillad.data import DataError, discover_folder, discover_mvtec
+
+    if not path.exists():
+        raise DataError(f"data folder {path} does not exist")
+    if (path / "train").is_dir():
+        return discover_mvtec(path, val_fraction=val_fraction, seed=seed)
+    if path.is_dir():
+        return discover_folder(path, val_fraction=val_fraction, seed=seed)
+    raise DataError(f"--data {path} is not a folder")
+
+
+def print_metrics(result: dict[str, Any]) -> None:
+    width = max(len(k) for k in METRIC_KEYS)
+    print(f"{result['category']}: {result['n_images']} test images ({result['n_defective']} defective), "
+          f"{result['seconds']:.1f} s")
+    for key in METRIC_KEYS:
+        print(f"  {key:<{width}}  {result[key]:.4f}")
+    threshold = result.get("threshold")
+    if threshold:
+        far, det = threshold["false_alarm_rate"], threshold["detection_rate"]
+        print(f"  calibrated threshold {threshold['value']:.4g}: false alarms "
+              f"{'n/a' if far is None else f'{far:.1%}'}, detections {'n/a' if det is None else f'{det:.1%}'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distillad.engine import load_yaml, resolve_config, train_run
+
+    file_values = load_yaml(args.config) if args.config else {}
+    overrides: dict[str, Any] = {
+        "method": args.method, "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs,
+        "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
+        "val_fraction": args.val_fraction,
+    }
+    if args.lr is not None:
+        overrides["optimizer"] = {"lr": args.lr}
+    if args.option:
+        overrides["options"] = dict(args.option)
+    config = resolve_config(file_values=file_values, overrides=overrides)
+    data = load_category(args.data, val_fraction=config.val_fraction, seed=config.seed)
+    train_run(config, data, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from distillad.engine import evaluate_split, load_run
+    from distillad.engine.checkpoint import atomic_write_json
+
+    run = load_run(args.run, args.device or "cpu")
+    data = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
+    result = evaluate_split(run.scorer, data, run.config.image_size, batch_size=args.batch_size,
+                            device=args.device or "cpu", calibration=run.calibration, progress=not args.no_progress)
+    result.update({"method": run.config.method, "backbone": run.config.backbone, "run": str(args.run)})
+    print_metrics(result)
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from distillad.engine import load_run, predict_paths
+
+    run = load_run(args.run, args.device or "cpu")
+    predictions = predict_paths(run, args.inputs, args.out, batch_size=args.batch_size, device=args.device or "cpu",
+                                overwrite=args.overwrite, save_images=not args.no_images,
+                                progress=not args.no_progress)
+    defective = sum(p.label == "defective" for p in predictions)
+    print(f"{len(predictions)} images scored, {defective} called defective; wrote {args.out / 'predictions.csv'}"
+          + ("" if args.no_images else f", {args.out / 'heatmaps'}, {args.out / 'masks'}"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from distillad.engine.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, device=args.device or "cpu", overwrite=args.overwrite,
+             progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import torch
+
+    from distillad.backbones import WeightsUnavailableError
+    from distillad.data import DataError
+    from distillad.engine import RunError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, RunError, WeightsUnavailableError, ValueError, FileNotFoundError) as error:
+        if os.environ.get("DISTILLAD_DEBUG"):
+            raise
+        print(f"distillad {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Data loading: image/mask readers, dataset discovery (MVTec or plain folders), a cached Dataset, a synthetic demo set."""
+
+from .datasets import (
+    CategorySplit,
+    ImageDataset,
+    Sample,
+    discover,
+    discover_folder,
+    discover_mvtec,
+    list_images,
+    preload,
+)
+from .images import IMAGE_EXTENSIONS, DataError, is_image_file, load_image, load_mask, read_size
+from .synthetic import DEFECT_TYPES, make_synthetic_dataset
+
+__all__ = [
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "is_image_file",
+    "load_image",
+    "load_mask",
+    "read_size",
+    "Sample",
+    "CategorySplit",
+    "discover_mvtec",
+    "discover_folder",
+    "discover",
+    "list_images",
+    "ImageDataset",
+    "preload",
+    "make_synthetic_dataset",
+    "DEFECT_TYPES",
+]

@@ -1,0 +1,139 @@
+"""Run configuration: one dataclass, YAML-able, merged as recipe defaults < config file < command-line flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distillad.backbones import BACKBONE_NAMES
+from distillad.methods import method_class
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"                          # adam | sgd
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)   # adam
+    momentum: float = 0.9                       # sgd
+    weight_decay: float = 0.0
+    milestones: tuple[float, ...] = ()          # fractions of the epochs at which lr is multiplied by gamma
+    gamma: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dskd"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None                  # local teacher checkpoint (ResNet family); None: default source
+    image_size: int = 256
+    epochs: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    val_fraction: float = 0.1                   # share of train/good held out as defect-free validation
+    threshold_k: float = 3.0                    # calibration: threshold = mean + k * std of validation scores
+    cache_teacher: bool = True                  # compute the frozen teacher's features once (no augmentation)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    options: dict[str, Any] = field(default_factory=dict)   # method switches, see each method's Options class
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["optimizer"]["betas"] = list(self.optimizer.betas)
+        out["optimizer"]["milestones"] = list(self.optimizer.milestones)
+        return out
+
+    def validate(self) -> None:
+        method_class(self.method).options_class.from_dict(self.options)
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        for name in ("image_size", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (the embedding works at stride 32), got {self.image_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.optimizer.name not in ("adam", "sgd"):
+            raise ValueError(f"optimizer.name must be adam or sgd, got {self.optimizer.name!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+
+# The recipes of METHODS.md, adapted where the offline EfficientNet-Lite teacher needs it (see README).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dskd": {"epochs": 60, "batch_size": 16,
+             "optimizer": {"name": "adam", "lr": 0.002, "betas": (0.5, 0.999), "milestones": (0.8, 0.9)}},
+    "rd": {"epochs": 60, "batch_size": 16,
+           "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999)}},
+    "stfpm": {"epochs": 60, "batch_size": 32,
+              "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}},
+}
+
+
+def _merge(config: TrainConfig, values: dict[str, Any], source: str) -> None:
+    known = {f.name for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        if value is None:
+            continue
+        if key == "optimizer":
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: optimizer must be a mapping")
+            opt_known = {f.name for f in fields(OptimizerConfig)}
+            for opt_key, opt_value in value.items():
+                if opt_key not in opt_known:
+                    raise ValueError(f"{source}: unknown optimizer setting {opt_key!r}; known: {', '.join(sorted(opt_known))}")
+                if opt_key in ("betas", "milestones"):
+                    opt_value = tuple(float(v) for v in opt_value)
+                setattr(config.optimizer, opt_key, opt_value)
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: options must be a mapping")
+            config.options.update(value)
+        else:
+            setattr(config, key, value)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def resolve_config(method: str | None = None, file_values: dict[str, Any] | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Recipe defaults for the method, then the config file, then explicit flags (None = not given)."""
+    file_values = dict(file_values or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = overrides.get("method") or method or file_values.get("method") or "dskd"
+    method_class(chosen)
+    config = TrainConfig(method=chosen)
+    _merge(config, METHOD_DEFAULTS.get(chosen, {}), "method defaults")
+    _merge(config, file_values, "config file")
+    _merge(config, overrides, "command line")
+    config.method = chosen
+    config.validate()
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a saved config exactly (no defaults merged in)."""
+    config = TrainConfig()
+    _merge(config, values, "saved config")
+    config.validate()
+    return config

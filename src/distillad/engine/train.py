@@ -1,0 +1,178 @@
+"""The training loop: plain PyTorch, seeded, one loop for every method."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from distillad.data import CategorySplit, ImageDataset
+from distillad.engine.checkpoint import META_FILE, MODEL_FILE, RunError, save_run
+from distillad.engine.config import OptimizerConfig, TrainConfig
+from distillad.engine.inference import score_dataset
+from distillad.methods import DistillationModel, build_model
+from distillad.scoring import AnomalyScorer, Calibration, calibrate
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {name} was requested but this torch has no CUDA device "
+                       f"(torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimizer:
+    params = list(parameters)
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, epochs: int):
+    milestones = sorted({max(1, int(round(f * epochs))) for f in config.milestones if 0 < f < 1})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
+
+
+def check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a finished run unless asked: a user's trained model is never lost silently."""
+    existing = [name for name in (MODEL_FILE, META_FILE) if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise RunError(f"{run_dir} already holds a trained run ({', '.join(existing)}); "
+                       "choose another --out or pass --overwrite")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} exists and is not a folder")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: DistillationModel
+    calibration: Calibration
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def mean_loss(model: DistillationModel, dataset: ImageDataset, batch_size: int, device: torch.device) -> float:
+    """Training loss on defect-free held-out images (eval mode): a label-free view of convergence."""
+    if len(dataset) == 0:
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            images = batch["image"].to(device)
+            total += float(model.training_loss(images)) * images.shape[0]
+            count += images.shape[0]
+    return total / count
+
+
+def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: int,
+                  device: torch.device) -> list[torch.Tensor]:
+    """The frozen teacher's features of every training image, per level (N,C,h,w), in dataset order.
+
+    Without augmentation the teacher sees the same images every epoch, so computing them once removes the
+    teacher's forward pass from every training step."""
+    levels: list[list[torch.Tensor]] = []
+    model.eval()
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        levels.append(model.teacher_features(batch["image"].to(device)))
+    return [torch.cat(parts) for parts in zip(*levels)]
+
+
+def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `config.method` on data.train, calibrate on data.val (defect-free only), save to run_dir."""
+    run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, overwrite)
+    device = resolve_device(config.device)
+    if not data.train:
+        raise RunError(f"no defect-free training images in {data.name}")
+    seed_everything(config.seed)
+    model = build_model(config.method, config.backbone, config.options, pretrained=True,
+                        weights=config.weights).to(device)
+    train_set = ImageDataset(data.train, config.image_size)
+    val_set = ImageDataset(data.val, config.image_size)
+    batch_size = min(config.batch_size, len(train_set))
+    generator = torch.Generator().manual_seed(config.seed)
+    # BatchNorm cannot train on a batch of one: drop a trailing single image.
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                        drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
+    optimizer = make_optimizer(config.optimizer, model.trainable_parameters())
+    scheduler = make_scheduler(optimizer, config.optimizer, config.epochs)
+    steps_per_epoch = len(loader)
+    log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
+        f"{len(val_set)} held out; {config.epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
+        f"{config.image_size}px, device {device}")
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    cache = teacher_cache(model, train_set, batch_size, device) if config.cache_teacher else None
+    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    for epoch in range(config.epochs):
+        model.train()
+        epoch_loss, seen = 0.0, 0
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            teacher = [level[batch["index"].to(device)] for level in cache] if cache is not None else None
+            loss = model.training_loss(images, teacher)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise RunError(f"the loss became {loss_value} at epoch {epoch + 1}: lower the learning rate "
+                               f"(now {config.optimizer.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss_value * images.shape[0]
+            seen += images.shape[0]
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss_value:.4f}",
+                            img_s=f"{(epoch * len(train_set) + seen) / max(elapsed, 1e-9):.1f}")
+            bar.update(1)
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
+                        "seconds": time.perf_counter() - start})
+        if not progress and (epoch + 1) % max(1, config.epochs // 10) == 0:
+            log(f"  epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
+                f"{history[-1]['seconds']:.0f} s")
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    if len(val_set) == 0:
+        warnings.warn(f"{data.name}: no held-out defect-free images (val_fraction=0); calibrating on the training "
+                      "images, which makes the threshold optimistic", stacklevel=2)
+        calibration_set, calibration_source = train_set, "train"
+    else:
+        calibration_set, calibration_source = val_set, "validation"
+    val_loss = mean_loss(model, val_set, config.batch_size, device)
+    scorer = AnomalyScorer(model).to(device).eval()
+    _, val_scores = score_dataset(scorer, calibration_set, batch_size=config.batch_size, device=device,
+                                  keep_maps=False)
+    calibration = calibrate(val_scores, k=config.threshold_k)
+    extra: dict[str, Any] = {
+        "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
+                 "val_files": [str(s.path) for s in data.val]},
+        "training": {"seconds": train_seconds, "epochs": config.epochs, "final_train_loss": history[-1]["train_loss"],
+                     "val_loss": val_loss, "calibration_source": calibration_source, "history": history},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run(run_dir, model, config, calibration, extra)
+    log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
+        f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")
+    return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)

@@ -1,0 +1,90 @@
+"""DSKD (Yao & Gao 2024): dual-student knowledge distillation.
+
+One frozen teacher, two students of the same scale with inverted structures:
+- Se, a forward student with the teacher's architecture (image -> pyramid), randomly initialised;
+- Sd, a decoder student that restores the pyramid deep-to-shallow from a deep-feature (DF) embedding.
+The DF embedding is fed by Se's pyramid by default, so the decoder "hears" the encoder student (the paper's group
+discussion) and its loss also trains Se. Both students are matched to the teacher on every pyramid level
+(pyramid matching); their discrepancy maps are fused into one anomaly map.
+The paper's body and code are not available: the open choices are switches (see DSKDOptions), settled by the
+ablations in benchmarks/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distillad.backbones import create_backbone
+from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, _check_choice, select_levels
+from distillad.methods.parts import (
+    MirroredDecoder,
+    PyramidEmbedding,
+    cosine_distance_map,
+    global_cosine_distance,
+)
+
+
+@dataclass
+class DSKDOptions(MethodOptions):
+    students: str = "both"            # both | encoder (Se alone, ~ vanilla S-T) | decoder (Sd alone, ~ RD)
+    df_input: str = "student"         # what the DF embedding hears: student (Se) | teacher | both
+    interaction_grad: bool = True     # let Sd's loss train Se through the DF embedding
+    global_cosine: bool = False       # add RD's flattened-map cosine to the per-pixel loss
+    bottleneck_blocks: int = 2
+    decoder_blocks: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        _check_choice("students", self.students, ("both", "encoder", "decoder"))
+        _check_choice("df_input", self.df_input, ("student", "teacher", "both"))
+        if self.students == "decoder" and self.df_input != "teacher":
+            raise ValueError("students=decoder has no encoder student to feed the DF embedding: use df_input=teacher")
+
+
+class DSKD(DistillationModel):
+    name = "dskd"
+    options_class = DSKDOptions
+
+    def __init__(self, backbone: str, options: DSKDOptions, *, pretrained: bool = True,
+                 weights: str | None = None) -> None:
+        super().__init__(backbone, options, pretrained=pretrained, weights=weights)
+        channels = self.teacher.channels
+        self.use_encoder = options.students in ("both", "encoder")
+        self.use_decoder = options.students in ("both", "decoder")
+        if self.use_encoder:
+            self.encoder_student = create_backbone(backbone, levels=(1, 2, 3), pretrained=False)
+        if self.use_decoder:
+            embed_channels = [2 * c for c in channels] if options.df_input == "both" else list(channels)
+            code_channels = 2 * channels[-1]
+            self.embedding = PyramidEmbedding(embed_channels, code_channels, blocks=options.bottleneck_blocks)
+            self.decoder_student = MirroredDecoder(code_channels, channels, blocks_per_stage=options.decoder_blocks,
+                                                   relu_output=self.teacher_relu_features)
+
+    def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
+        teacher = self.teacher_features(images, teacher)
+        students: list[list[torch.Tensor]] = []
+        encoder: list[torch.Tensor] = []
+        if self.use_encoder:
+            encoder = self.encoder_student(self.normalize(images))
+            students.append(encoder)
+        if self.use_decoder:
+            heard = encoder if self.options.interaction_grad else [f.detach() for f in encoder]
+            if self.options.df_input == "student":
+                df_in = heard
+            elif self.options.df_input == "teacher":
+                df_in = teacher
+            else:
+                df_in = [torch.cat([t, e], dim=1) for t, e in zip(teacher, heard)]
+            students.append(self.decoder_student(self.embedding(df_in)))
+        return [select_levels(list(zip(teacher, s)), self.options.levels) for s in students]
+
+    def loss(self, pairs: FeaturePairs) -> torch.Tensor:
+        total = torch.zeros((), device=pairs[0][0][0].device)
+        for student in pairs:
+            for t, s in student:
+                total = total + cosine_distance_map(t, s).mean()
+                if self.options.global_cosine:
+                    total = total + global_cosine_distance(t, s).mean()
+        return total

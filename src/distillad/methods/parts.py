@@ -1,0 +1,140 @@
+"""Building blocks shared by the distillation methods.
+
+Every method compares a frozen teacher pyramid with one or more student pyramids; the pieces below are the only
+implementations of the discrepancy, the losses, the multi-scale embedding (RD's one-class bottleneck, DSKD's
+deep-feature embedding) and the mirrored decoder student, so STFPM, RD, DSKD and AAND differ only in how they
+wire them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-6
+
+
+def cosine_distance_map(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-pixel 1 - cos(T, S) along channels: (B,C,h,w) x2 -> (B,h,w).
+
+    Normalised L2 (STFPM) equals 2 * (1 - cos), so this one discrepancy serves every method.
+    """
+    return 1.0 - F.cosine_similarity(teacher, student, dim=1, eps=_EPS)
+
+
+def global_cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """RD's loss term: 1 - cos between whole flattened maps, one value per image (B,)."""
+    return 1.0 - F.cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1, eps=_EPS)
+
+
+def hard_pixel_distance(teacher: torch.Tensor, student: torch.Tensor, k: int) -> torch.Tensor:
+    """AAND's hard-knowledge term: mean of the k largest per-pixel distances of each image (B,)."""
+    distances = cosine_distance_map(teacher, student).flatten(1)
+    k = max(1, min(k, distances.shape[1]))
+    return distances.topk(k, dim=1).values.mean(dim=1)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """ResNet basic block; `stride` 2 halves the resolution, `upsample` doubles it with a transposed conv (RD)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, upsample: bool = False,
+                 relu_output: bool = True) -> None:
+        super().__init__()
+        if upsample and stride != 1:
+            raise ValueError("a block either down- or up-samples, not both")
+        if upsample:
+            first: nn.Module = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False)
+        else:
+            first = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = first
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module
+        if upsample:
+            self.shortcut = nn.Sequential(nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+        elif stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu_output = relu_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out) if self.relu_output else out
+
+
+class PyramidEmbedding(nn.Module):
+    """Fuses a three-level pyramid (strides 4, 8, 16) into one compact code at stride 32.
+
+    This is RD's one-class bottleneck and DSKD's deep-feature (DF) embedding module: each level is brought to
+    stride 16 by strided 3x3 conv+BN+ReLU, the levels are concatenated, and a residual stage with stride 2
+    compresses them. The code is the only path from the input to a decoder student, which is what keeps the
+    decoder from copying anomalies.
+    """
+
+    def __init__(self, in_channels: Sequence[int], code_channels: int, *, blocks: int = 2) -> None:
+        super().__init__()
+        if len(in_channels) != 3:
+            raise ValueError(f"the embedding fuses exactly three levels, got {len(in_channels)}")
+        c1, c2, c3 = in_channels
+        width = c3
+        self.reduce1 = nn.Sequential(conv_bn_relu(c1, width // 2 if width >= 2 else width, 2),
+                                     conv_bn_relu(width // 2 if width >= 2 else width, width, 2))
+        self.reduce2 = conv_bn_relu(c2, width, 2)
+        self.reduce3 = conv_bn_relu(c3, width, 1)
+        stage: list[nn.Module] = [ResidualBlock(3 * width, code_channels, stride=2)]
+        stage += [ResidualBlock(code_channels, code_channels) for _ in range(blocks - 1)]
+        self.fuse = nn.Sequential(*stage)
+        self.code_channels = code_channels
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        f1, f2, f3 = pyramid
+        return self.fuse(torch.cat([self.reduce1(f1), self.reduce2(f2), self.reduce3(f3)], dim=1))
+
+
+class MirroredDecoder(nn.Module):
+    """Decoder student: restores the three teacher levels from the stride-32 code, deep to shallow (RD).
+
+    Each stage doubles the resolution with a transposed-conv residual block followed by plain residual blocks.
+    `relu_output=False` leaves each stage's output linear, for teachers whose taps are not ReLU outputs
+    (EfficientNet's projection convolutions are signed).
+    """
+
+    def __init__(self, code_channels: int, level_channels: Sequence[int], *, blocks_per_stage: int = 2,
+                 relu_output: bool = True) -> None:
+        super().__init__()
+        stages = []
+        in_channels = code_channels
+        for out_channels in reversed(list(level_channels)):
+            blocks: list[nn.Module] = []
+            for index in range(blocks_per_stage):
+                last = index == blocks_per_stage - 1
+                blocks.append(ResidualBlock(in_channels if index == 0 else out_channels, out_channels,
+                                            upsample=index == 0, relu_output=relu_output or not last))
+            stages.append(nn.Sequential(*blocks))
+            in_channels = out_channels
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, code: torch.Tensor) -> list[torch.Tensor]:
+        """Returns the restored levels in increasing stride order (shallow first), like the teacher."""
+        outputs = []
+        x = code
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs[::-1]

@@ -1,0 +1,40 @@
+"""Reverse Distillation (Deng & Li, CVPR 2022): a decoder student restores the teacher pyramid from a bottleneck."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, select_levels
+from distillad.methods.parts import MirroredDecoder, PyramidEmbedding, global_cosine_distance
+
+
+@dataclass
+class RDOptions(MethodOptions):
+    bottleneck_blocks: int = 2
+    decoder_blocks: int = 2
+
+
+class ReverseDistillation(DistillationModel):
+    name = "rd"
+    options_class = RDOptions
+
+    def __init__(self, backbone: str, options: RDOptions, *, pretrained: bool = True,
+                 weights: str | None = None) -> None:
+        super().__init__(backbone, options, pretrained=pretrained, weights=weights)
+        channels = self.teacher.channels
+        code_channels = 2 * channels[-1]
+        self.bottleneck = PyramidEmbedding(channels, code_channels, blocks=options.bottleneck_blocks)
+        self.decoder = MirroredDecoder(code_channels, channels, blocks_per_stage=options.decoder_blocks,
+                                       relu_output=self.teacher_relu_features)
+
+    def decode(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.decoder(self.bottleneck(teacher))
+
+    def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
+        teacher = self.teacher_features(images, teacher)
+        return [select_levels(list(zip(teacher, self.decode(teacher))), self.options.levels)]
+
+    def loss(self, pairs: FeaturePairs) -> torch.Tensor:
+        return sum(global_cosine_distance(t, s).mean() for t, s in pairs[0])

@@ -1,0 +1,126 @@
+"""Config merging, run folders (atomic, weights_only, no overwrite) and a tiny end-to-end train/test/predict."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from distillad.data import discover_mvtec, make_synthetic_dataset
+from distillad.engine import RunError, evaluate_split, load_run, predict_paths, resolve_config, train_run
+from distillad.engine.checkpoint import META_FILE, MODEL_FILE, atomic_write_json
+from distillad.engine.config import METHOD_DEFAULTS, config_from_dict
+
+
+def test_config_precedence_defaults_file_flags():
+    config = resolve_config("stfpm", {"epochs": 7, "optimizer": {"lr": 0.1}, "options": {"sigma": 2}},
+                            {"epochs": 3, "seed": None})
+    assert config.epochs == 3                       # flag beats file
+    assert config.optimizer.lr == 0.1               # file beats recipe
+    assert config.optimizer.name == "sgd"           # recipe default kept
+    assert config.batch_size == METHOD_DEFAULTS["stfpm"]["batch_size"]
+    assert config.options == {"sigma": 2}
+    assert config_from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"epoch": 3}, "unknown setting 'epoch'"),
+    ({"optimizer": {"lr_rate": 1}}, "unknown optimizer setting"),
+    ({"image_size": 100}, "multiple of 32"),
+    ({"backbone": "vgg16"}, "unknown backbone"),
+    ({"options": {"students": "three"}}, "students"),
+    ({"device": "tpu"}, "device"),
+])
+def test_config_errors_name_the_setting(values, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config("dskd", values)
+
+
+def test_atomic_json_leaves_no_temporary_files(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.fixture(scope="module")
+def tiny_category(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_synthetic_dataset(root, seed=1, n_train=12, n_test_good=4, n_test_defect=4, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_category, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "dskd"
+    config = resolve_config("dskd", overrides={"image_size": 64, "epochs": 1, "batch_size": 4})
+    data = discover_mvtec(tiny_category, val_fraction=0.25, seed=0)
+    result = train_run(config, data, run_dir, progress=False, log=lambda _: None)
+    return run_dir, result, data
+
+
+def test_run_folder_round_trip(tiny_run):
+    run_dir, result, data = tiny_run
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([MODEL_FILE, META_FILE])
+    meta = json.loads((run_dir / META_FILE).read_text())
+    assert meta["method"] == "dskd" and meta["teacher"]["backbone"] == "efficientnet_lite0"
+    assert meta["calibration"]["n_images"] == len(data.val) == 3
+    assert set(meta["versions"]) >= {"distillad", "torch"}
+    # a plain state_dict of tensors, loadable with weights_only=True
+    state = torch.load(run_dir / MODEL_FILE, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    run = load_run(run_dir)
+    images = torch.rand(2, 3, 64, 64)
+    result.model.eval()
+    with torch.no_grad():
+        from distillad.scoring import AnomalyScorer
+
+        expected = AnomalyScorer(result.model)(images)[1]
+        assert torch.allclose(run.scorer(images)[1], expected, atol=1e-6)
+    assert run.calibration == result.calibration
+
+
+def test_existing_run_is_never_overwritten(tiny_run, tiny_category):
+    run_dir, _, data = tiny_run
+    before = (run_dir / MODEL_FILE).read_bytes()
+    config = resolve_config("dskd", overrides={"image_size": 64, "epochs": 1})
+    with pytest.raises(RunError, match="already holds a trained run"):
+        train_run(config, data, run_dir, progress=False, log=lambda _: None)
+    assert (run_dir / MODEL_FILE).read_bytes() == before
+
+
+def test_corrupt_or_incomplete_runs_fail_clearly(tmp_path, tiny_run):
+    with pytest.raises(RunError, match="does not exist"):
+        load_run(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(RunError, match="meta.json is missing"):
+        load_run(tmp_path / "half")
+    run_dir, _, _ = tiny_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / META_FILE).write_text((run_dir / META_FILE).read_text())
+    (broken / MODEL_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="model.pt is not a readable checkpoint"):
+        load_run(broken)
+
+
+def test_evaluate_and_predict(tiny_run, tiny_category, tmp_path):
+    run_dir, _, data = tiny_run
+    run = load_run(run_dir)
+    result = evaluate_split(run.scorer, data, 64, calibration=run.calibration)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["n_images"] == 8 and result["n_defective"] == 4
+    out = tmp_path / "pred"
+    predictions = predict_paths(run, [tiny_category / "test"], out, progress=False)
+    assert len(predictions) == 8
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == [str(p.path) for p in predictions]
+    for row, p in zip(rows, predictions):
+        assert float(row["score"]) == pytest.approx(p.score, rel=1e-5)
+        assert row["label"] == ("defective" if p.score > run.calibration.threshold else "normal")
+    heatmaps = sorted((out / "heatmaps").iterdir())
+    masks = sorted((out / "masks").iterdir())
+    assert len(heatmaps) == len(masks) == 8
+    assert all("__" in p.name for p in heatmaps)  # defect type folded into the name: no collisions
+    with pytest.raises(RunError, match="already exists"):
+        predict_paths(run, [tiny_category / "test"], out, progress=False)

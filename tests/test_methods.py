@@ -1,0 +1,156 @@
+"""Methods against hand-computed cases: discrepancy, losses, shapes, switches, and the scorer on a perfect student."""
+
+import pytest
+import torch
+
+from distillad.methods import DSKD, STFPM, ReverseDistillation, build_model
+from distillad.methods.parts import (
+    MirroredDecoder,
+    PyramidEmbedding,
+    cosine_distance_map,
+    global_cosine_distance,
+    hard_pixel_distance,
+)
+from distillad.scoring import AnomalyScorer
+
+BACKBONE = "efficientnet_lite0"
+
+
+def vec(*values):
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def test_cosine_distance_hand_computed():
+    assert cosine_distance_map(vec(1, 0), vec(0, 1)).item() == pytest.approx(1.0)
+    assert cosine_distance_map(vec(1, 0), vec(-1, 0)).item() == pytest.approx(2.0)
+    assert cosine_distance_map(vec(1, 0), vec(3, 0)).item() == pytest.approx(0.0, abs=1e-7)
+    assert cosine_distance_map(vec(1, 1), vec(1, 0)).item() == pytest.approx(1 - 2 ** -0.5)
+    # normalised L2 = 2 (1 - cos): STFPM's loss is covered by the cosine distance
+    t, s = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
+    n = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+    assert torch.allclose(((n(t) - n(s)) ** 2).sum(1), 2 * cosine_distance_map(t, s), atol=1e-5)
+
+
+def test_global_cosine_and_hard_pixels_hand_computed():
+    t = torch.zeros(1, 2, 1, 2)
+    t[0, 0] = 1.0                         # both pixels (1, 0)
+    s = t.clone()
+    s[0, :, 0, 1] = torch.tensor([0.0, 1.0])  # second pixel (0, 1): pixel distances [0, 1]
+    # flattened t = (1, 1, 0, 0), s = (1, 0, 0, 1): cos = 1/2
+    assert global_cosine_distance(t, s).item() == pytest.approx(0.5)
+    assert hard_pixel_distance(t, s, k=1).item() == pytest.approx(1.0)
+    assert hard_pixel_distance(t, s, k=2).item() == pytest.approx(0.5)
+    assert hard_pixel_distance(t, s, k=99).item() == pytest.approx(0.5)
+
+
+def test_embedding_and_decoder_restore_pyramid_shapes():
+    channels = [24, 40, 112]
+    pyramid = [torch.randn(2, c, 64 // 2 ** i, 64 // 2 ** i) for i, c in enumerate(channels)]
+    embed = PyramidEmbedding(channels, 224)
+    code = embed(pyramid)
+    assert code.shape == (2, 224, 8, 8)  # stride 32 of a 256-pixel input
+    restored = MirroredDecoder(224, channels, relu_output=False)(code)
+    assert [tuple(r.shape) for r in restored] == [tuple(p.shape) for p in pyramid]
+    assert (restored[0] < 0).any()  # linear output for signed teachers
+    assert (MirroredDecoder(224, channels, relu_output=True)(code)[0] >= 0).all()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.rand(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("method,options,n_students", [
+    ("dskd", {}, 2),
+    ("dskd", {"students": "encoder"}, 1),
+    ("dskd", {"students": "decoder", "df_input": "teacher"}, 1),
+    ("dskd", {"df_input": "both", "global_cosine": True, "levels": [2]}, 2),
+    ("stfpm", {}, 1),
+    ("rd", {}, 1),
+])
+def test_feature_pairs_loss_and_maps(images, method, options, n_students):
+    model = build_model(method, BACKBONE, options, pretrained=False)
+    pairs = model.feature_pairs(images)
+    levels = options.get("levels", [1, 2, 3])
+    assert len(pairs) == n_students and all(len(p) == len(levels) for p in pairs)
+    for student in pairs:
+        for (t, s), level in zip(student, levels):
+            assert t.shape == s.shape and t.shape[-1] == 64 // 2 ** (level + 1)
+            assert not t.requires_grad
+    loss = model.loss(pairs)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    maps, scores = AnomalyScorer(model.eval())(images)
+    assert maps.shape == (2, 64, 64) and torch.allclose(scores, maps.flatten(1).amax(1))
+
+
+def test_interaction_switch_controls_gradient_into_encoder(images):
+    def encoder_grad(interaction: bool) -> float:
+        torch.manual_seed(0)
+        model = DSKD(BACKBONE, DSKD.options_class.from_dict({"interaction_grad": interaction}), pretrained=False)
+        pairs = model.feature_pairs(images)
+        model.loss(pairs[1:]).backward()  # the decoder student's loss only
+        return sum(float(p.grad.abs().sum()) for p in model.encoder_student.parameters() if p.grad is not None)
+
+    assert encoder_grad(True) > 0
+    assert encoder_grad(False) == 0
+
+
+def test_teacher_stays_frozen_in_train_mode():
+    model = build_model("dskd", BACKBONE, {}, pretrained=False).train()
+    assert not model.teacher.training
+    assert model.encoder_student.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert not any(n.startswith("teacher.") for n, p in model.named_parameters()
+                   if any(p is q for q in model.trainable_parameters()))
+
+
+def test_perfect_student_gives_zero_map_and_loss(images):
+    """A student that is an exact copy of the teacher has no discrepancy anywhere."""
+    model = STFPM(BACKBONE, STFPM.options_class.from_dict({"level_fusion": "sum"}), pretrained=False)
+    model.student.load_state_dict(model.teacher.state_dict())
+    model.eval()
+    assert model.loss(model.feature_pairs(images)).item() == pytest.approx(0.0, abs=1e-5)
+    maps, scores = AnomalyScorer(model)(images)
+    assert maps.abs().max().item() < 1e-4
+
+
+def test_scorer_fusion_hand_computed(images):
+    """Two students with known constant discrepancies: mean, max and product fusion after summing 3 levels."""
+    model = build_model("dskd", BACKBONE, {"sigma": 0}, pretrained=False).eval()
+
+    def fake_pairs(x):
+        one = torch.ones(x.shape[0], 4, 8, 8)
+        first = [(one, one)] * 3                            # distance 0 on every level
+        second = [(one, torch.cat([-one[:, :1], one[:, 1:]], 1))] * 3   # cos = 2/4 -> distance 0.5 per level
+        return [first, second]
+
+    model.feature_pairs = fake_pairs
+    for fusion, expected in (("mean", 0.75), ("max", 1.5), ("product", 0.0)):
+        model.options.student_fusion = fusion
+        maps, scores = AnomalyScorer(model)(images)
+        assert torch.allclose(maps, torch.full_like(maps, expected), atol=1e-6), fusion
+
+
+def test_invalid_options_are_rejected_with_names():
+    with pytest.raises(ValueError, match="unknown option"):
+        build_model("dskd", BACKBONE, {"df_imput": "student"}, pretrained=False)
+    with pytest.raises(ValueError, match="df_input"):
+        build_model("dskd", BACKBONE, {"df_input": "nobody"}, pretrained=False)
+    with pytest.raises(ValueError, match="use df_input=teacher"):
+        build_model("dskd", BACKBONE, {"students": "decoder"}, pretrained=False)
+    with pytest.raises(ValueError, match="levels"):
+        build_model("rd", BACKBONE, {"levels": [4]}, pretrained=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_model("patchcore", BACKBONE)
+
+
+def test_rd_decoder_sees_only_the_teacher(images):
+    model = ReverseDistillation(BACKBONE, ReverseDistillation.options_class.from_dict({}), pretrained=False)
+    teacher = model.teacher_features(images)
+    assert [f.shape[1] for f in teacher] == model.teacher.channels
+    assert len(model.decode(teacher)) == 3
