@@ -23,6 +23,14 @@ def test_config_precedence_defaults_file_flags():
     assert config_from_dict(config.to_dict()) == config
 
 
+def test_default_length_is_a_step_budget_not_an_epoch_count():
+    config = resolve_config("dskd")
+    assert config.epochs is None
+    assert config.epochs_for(12) == round(config.steps / 12)       # bottle: 188 images, batch 16
+    assert config.epochs_for(10_000) == 1
+    assert resolve_config("dskd", overrides={"epochs": 5}).epochs_for(12) == 5
+
+
 @pytest.mark.parametrize("values,match", [
     ({"epoch": 3}, "unknown setting 'epoch'"),
     ({"optimizer": {"lr_rate": 1}}, "unknown optimizer setting"),

@@ -133,7 +133,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise RunError(f"{model_path} does not match the model described in {META_FILE}: {error}") from None
-    model.to(device).eval()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format).eval()
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
-    scorer = AnomalyScorer(model).to(device).eval()
+    scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
     return LoadedRun(run_dir=run_dir, config=config, model=model, scorer=scorer, calibration=calibration, meta=meta)

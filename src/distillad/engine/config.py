@@ -31,13 +31,15 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None                  # local teacher checkpoint (ResNet family); None: default source
     image_size: int = 256
-    epochs: int = 100
+    epochs: int | None = None                   # None: as many as give about `steps` optimizer steps
+    steps: int = 360                            # training length when epochs is None (fits any dataset size)
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
     val_fraction: float = 0.1                   # share of train/good held out as defect-free validation
     threshold_k: float = 3.0                    # calibration: threshold = mean + k * std of validation scores
     cache_teacher: bool = True                  # compute the frozen teacher's features once (no augmentation)
+    channels_last: bool = True                  # NHWC tensors: depthwise convolutions train ~1.6x faster on CPU
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     options: dict[str, Any] = field(default_factory=dict)   # method switches, see each method's Options class
 
@@ -47,12 +49,18 @@ class TrainConfig:
         out["optimizer"]["milestones"] = list(self.optimizer.milestones)
         return out
 
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The explicit epoch count, or the one closest to `steps` optimizer steps."""
+        if self.epochs is not None:
+            return int(self.epochs)
+        return max(1, round(self.steps / max(1, steps_per_epoch)))
+
     def validate(self) -> None:
         method_class(self.method).options_class.from_dict(self.options)
         if self.backbone not in BACKBONE_NAMES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-        for name in ("image_size", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
+        for name in ("image_size", "epochs", "batch_size", "steps"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 (the embedding works at stride 32), got {self.image_size}")
@@ -66,11 +74,11 @@ class TrainConfig:
 
 # The recipes of METHODS.md, adapted where the offline EfficientNet-Lite teacher needs it (see README).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dskd": {"epochs": 60, "batch_size": 16,
+    "dskd": {"batch_size": 16,
              "optimizer": {"name": "adam", "lr": 0.002, "betas": (0.5, 0.999), "milestones": (0.8, 0.9)}},
-    "rd": {"epochs": 60, "batch_size": 16,
+    "rd": {"batch_size": 16,
            "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999)}},
-    "stfpm": {"epochs": 60, "batch_size": 32,
+    "stfpm": {"batch_size": 32, "steps": 180,   # same number of images seen as the batch-16 recipes
               "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}},
 }
 

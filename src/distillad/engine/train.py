@@ -82,8 +82,8 @@ def mean_loss(model: DistillationModel, dataset: ImageDataset, batch_size: int, 
     return total / count
 
 
-def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: int,
-                  device: torch.device) -> list[torch.Tensor]:
+def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: int, device: torch.device,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.Tensor]:
     """The frozen teacher's features of every training image, per level (N,C,h,w), in dataset order.
 
     Without augmentation the teacher sees the same images every epoch, so computing them once removes the
@@ -91,7 +91,8 @@ def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: i
     levels: list[list[torch.Tensor]] = []
     model.eval()
     for batch in DataLoader(dataset, batch_size=batch_size):
-        levels.append(model.teacher_features(batch["image"].to(device)))
+        images = batch["image"].to(device).contiguous(memory_format=memory_format)
+        levels.append(model.teacher_features(images))
     return [torch.cat(parts) for parts in zip(*levels)]
 
 
@@ -104,8 +105,9 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     if not data.train:
         raise RunError(f"no defect-free training images in {data.name}")
     seed_everything(config.seed)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.method, config.backbone, config.options, pretrained=True,
-                        weights=config.weights).to(device)
+                        weights=config.weights).to(device, memory_format=memory_format)
     train_set = ImageDataset(data.train, config.image_size)
     val_set = ImageDataset(data.val, config.image_size)
     batch_size = min(config.batch_size, len(train_set))
@@ -114,20 +116,21 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                         drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
     optimizer = make_optimizer(config.optimizer, model.trainable_parameters())
-    scheduler = make_scheduler(optimizer, config.optimizer, config.epochs)
     steps_per_epoch = len(loader)
+    epochs = config.epochs_for(steps_per_epoch)
+    scheduler = make_scheduler(optimizer, config.optimizer, epochs)
     log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
-        f"{len(val_set)} held out; {config.epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
+        f"{len(val_set)} held out; {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
         f"{config.image_size}px, device {device}")
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    cache = teacher_cache(model, train_set, batch_size, device) if config.cache_teacher else None
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
-    for epoch in range(config.epochs):
+    cache = teacher_cache(model, train_set, batch_size, device, memory_format) if config.cache_teacher else None
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    for epoch in range(epochs):
         model.train()
         epoch_loss, seen = 0.0, 0
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             teacher = [level[batch["index"].to(device)] for level in cache] if cache is not None else None
             loss = model.training_loss(images, teacher)
             loss_value = float(loss.detach())
@@ -141,14 +144,14 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
             epoch_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             elapsed = time.perf_counter() - start
-            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss_value:.4f}",
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4f}",
                             img_s=f"{(epoch * len(train_set) + seen) / max(elapsed, 1e-9):.1f}")
             bar.update(1)
         scheduler.step()
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
                         "seconds": time.perf_counter() - start})
-        if not progress and (epoch + 1) % max(1, config.epochs // 10) == 0:
-            log(f"  epoch {epoch + 1}/{config.epochs}: loss {history[-1]['train_loss']:.4f}, "
+        if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
+            log(f"  epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
                 f"{history[-1]['seconds']:.0f} s")
     bar.close()
     train_seconds = time.perf_counter() - start
@@ -161,14 +164,14 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     else:
         calibration_set, calibration_source = val_set, "validation"
     val_loss = mean_loss(model, val_set, config.batch_size, device)
-    scorer = AnomalyScorer(model).to(device).eval()
+    scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
     _, val_scores = score_dataset(scorer, calibration_set, batch_size=config.batch_size, device=device,
                                   keep_maps=False)
     calibration = calibrate(val_scores, k=config.threshold_k)
     extra: dict[str, Any] = {
         "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
                  "val_files": [str(s.path) for s in data.val]},
-        "training": {"seconds": train_seconds, "epochs": config.epochs, "final_train_loss": history[-1]["train_loss"],
+        "training": {"seconds": train_seconds, "epochs": epochs, "final_train_loss": history[-1]["train_loss"],
                      "val_loss": val_loss, "calibration_source": calibration_source, "history": history},
     }
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -74,9 +74,10 @@ def level_maps(pairs: FeaturePairs) -> list[list[torch.Tensor]]:
 class AnomalyScorer(nn.Module):
     """Wraps a trained model: images in [0,1] (B,3,H,W) -> anomaly maps (B,H,W) and image scores (B,)."""
 
-    def __init__(self, model: DistillationModel) -> None:
+    def __init__(self, model: DistillationModel, *, channels_last: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         options = model.options
         self.level_fusion = options.level_fusion
         self.student_fusion = options.student_fusion
@@ -84,6 +85,7 @@ class AnomalyScorer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = (images.shape[-2], images.shape[-1])
+        images = images.contiguous(memory_format=self.memory_format)
         per_student = []
         for maps in level_maps(self.model.feature_pairs(images)):
             per_student.append(fuse([upsample(m, size) for m in maps], self.level_fusion))
