@@ -63,3 +63,13 @@ def test_bad_yaml_config(category, tmp_path, capsys):
     bad.write_text("epochs: [1, 2\n")
     code, _, err = run_cli(capsys, "train", "--data", category, "--out", tmp_path / "r", "--config", bad)
     assert code == 2 and "not valid YAML" in err and str(bad) in err
+
+
+def test_unavailable_cuda_device_is_a_clear_error(category, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "train", "--data", category, "--out", tmp_path / "r", "--device", "cuda")
+    assert code == 2 and "no CUDA" in err and "--device cpu" in err
+    assert not (tmp_path / "r").exists()

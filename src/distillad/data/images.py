@@ -80,14 +80,22 @@ def _open(path: PathLike, what: str = "image") -> Image.Image:
     if p.stat().st_size == 0:
         raise DataError(f"{what} file {p} is empty (0 bytes)")
     try:
-        im = Image.open(p)
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)
-        im.load()  # decodes everything now, so truncated files fail here and not later
+        return _decode(p)
     except UnidentifiedImageError:
         raise DataError(f"{what} file {p} is not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{what} file {p} could not be decoded (truncated or corrupt?): {e}") from None
+
+
+def _decode(p: Path) -> Image.Image:
+    im = Image.open(p)
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        im.load()  # decodes everything now, so truncated files fail here and not later
+    except BaseException:
+        im.close()  # a failed decode must not leak the file handle
+        raise
     return im
 
 

@@ -19,6 +19,7 @@ import torch
 
 import distillad
 from distillad.engine.config import TrainConfig, config_from_dict
+from distillad.engine.device import resolve_device
 from distillad.methods import DistillationModel, build_model
 from distillad.scoring import AnomalyScorer, Calibration
 
@@ -116,6 +117,7 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the model from meta.json and load model.pt with weights_only=True (no teacher download needed)."""
     run_dir = Path(run_dir)
+    device = resolve_device(device)
     meta = read_meta(run_dir)
     try:
         config = config_from_dict(meta["config"])

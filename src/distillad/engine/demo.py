@@ -13,7 +13,7 @@ from distillad.engine.predict import predict_paths
 from distillad.engine.train import check_run_dir_free, train_run
 
 DEMO_IMAGE_SIZE = 128
-DEMO_EPOCHS = 20
+DEMO_TRAIN_IMAGES = 150
 
 
 def run_demo(out_dir: str | Path, *, epochs: int | None = None, device: str = "cpu", overwrite: bool = False,
@@ -22,9 +22,10 @@ def run_demo(out_dir: str | Path, *, epochs: int | None = None, device: str = "c
     run_dir = out_dir / "run"
     check_run_dir_free(run_dir, overwrite)
     print(f"1/4 generating a synthetic inspection dataset in {out_dir / 'data'}")
-    category = make_synthetic_dataset(out_dir / "data", seed=seed, image_size=DEMO_IMAGE_SIZE)
+    category = make_synthetic_dataset(out_dir / "data", seed=seed, image_size=DEMO_IMAGE_SIZE,
+                                      n_train=DEMO_TRAIN_IMAGES)
     data = discover_mvtec(category, seed=seed)
-    config = resolve_config("dskd", overrides={"image_size": DEMO_IMAGE_SIZE, "epochs": epochs or DEMO_EPOCHS,
+    config = resolve_config("dskd", overrides={"image_size": DEMO_IMAGE_SIZE, "epochs": epochs,
                                                 "device": device, "seed": seed})
     print("2/4 training DSKD")
     train_run(config, data, run_dir, progress=progress, overwrite=overwrite)

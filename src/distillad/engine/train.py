@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from distillad.data import CategorySplit, ImageDataset
 from distillad.engine.checkpoint import META_FILE, MODEL_FILE, RunError, save_run
 from distillad.engine.config import OptimizerConfig, TrainConfig
+from distillad.engine.device import resolve_device
 from distillad.engine.inference import score_dataset
 from distillad.methods import DistillationModel, build_model
 from distillad.scoring import AnomalyScorer, Calibration, calibrate
@@ -28,13 +29,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {name} was requested but this torch has no CUDA device "
-                       f"(torch {torch.__version__}); use --device cpu")
-    return torch.device(name)
 
 
 def make_optimizer(config: OptimizerConfig, parameters) -> torch.optim.Optimizer:
