@@ -132,3 +132,46 @@ def test_evaluate_and_predict(tiny_run, tiny_category, tmp_path):
     assert all("__" in p.name for p in heatmaps)  # defect type folded into the name: no collisions
     with pytest.raises(RunError, match="already exists"):
         predict_paths(run, [tiny_category / "test"], out, progress=False)
+
+
+def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_category, tmp_path, monkeypatch):
+    """An interrupted two-stage run restarts at stage 2 with stage 1's weights, and cleans up when done."""
+    from distillad.methods import DSKD
+    from distillad.methods.base import TrainingStage
+
+    calls = {"first": 0, "second": 0}
+    fail = {"second": True}
+
+    def stages(self):
+        def first(images, teacher):
+            calls["first"] += 1
+            return self.training_loss(images, teacher)
+
+        def second(images, teacher):
+            calls["second"] += 1
+            if fail["second"]:
+                raise KeyboardInterrupt
+            return self.training_loss(images, teacher)
+
+        return [TrainingStage("first", self.trainable_parameters, first),
+                TrainingStage("second", self.trainable_parameters, second)]
+
+    monkeypatch.setattr(DSKD, "training_stages", stages)
+    config = resolve_config("dskd", overrides={"image_size": 64, "epochs": 1, "batch_size": 4})
+    data = discover_mvtec(tiny_category, val_fraction=0.25, seed=0)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, data, run_dir, progress=False, log=lambda _: None)
+    first_calls = calls["first"]
+    assert first_calls > 0 and (run_dir / "stages" / "1_first.pt").is_file()
+    saved = torch.load(run_dir / "stages" / "1_first.pt", weights_only=True)
+    fail["second"] = False
+    messages = []
+    result = train_run(config, data, run_dir, progress=False, log=messages.append)
+    assert calls["first"] == first_calls            # not retrained
+    assert any("resumed" in m for m in messages)
+    assert not (run_dir / "stages").exists() and (run_dir / META_FILE).is_file()
+    meta = json.loads((run_dir / META_FILE).read_text())
+    assert [s["name"] for s in meta["training"]["stages"]] == ["first", "second"]
+    # stage 2 started from stage 1's weights, not from a fresh model
+    assert result.model.state_dict()["teacher._conv_stem.weight"].equal(saved["teacher._conv_stem.weight"])

@@ -85,4 +85,6 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
     result["inference_seconds"] = inference_seconds
     result["seconds"] = time.perf_counter() - start
     result["threshold"] = threshold_report(scores, labels, calibration)
+    result["images"] = [{"path": str(sample.path), "defect_type": sample.defect_type, "label": int(label),
+                         "score": float(score)} for sample, label, score in zip(data.test, labels, scores)]
     return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -17,11 +19,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from distillad.data import CategorySplit, ImageDataset
-from distillad.engine.checkpoint import META_FILE, MODEL_FILE, RunError, save_run
+from distillad.engine.checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    RunError,
+    atomic_torch_save,
+    atomic_write_json,
+    save_run,
+)
 from distillad.engine.config import OptimizerConfig, TrainConfig
 from distillad.engine.device import resolve_device
 from distillad.engine.inference import score_dataset
 from distillad.methods import DistillationModel, build_model
+from distillad.methods.base import TrainingStage
 from distillad.scoring import AnomalyScorer, Calibration, calibrate
 
 
@@ -51,6 +61,9 @@ def check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
                        "choose another --out or pass --overwrite")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {run_dir} exists and is not a folder")
+
+
+STAGE_FOLDER = "stages"
 
 
 @dataclass
@@ -90,48 +103,63 @@ def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: i
     return [torch.cat(parts) for parts in zip(*levels)]
 
 
-def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,
-              overwrite: bool = False, log: Callable[[str], None] = print) -> TrainResult:
-    """Train `config.method` on data.train, calibrate on data.val (defect-free only), save to run_dir."""
-    run_dir = Path(run_dir)
-    check_run_dir_free(run_dir, overwrite)
-    device = resolve_device(config.device)
-    if not data.train:
-        raise RunError(f"no defect-free training images in {data.name}")
-    seed_everything(config.seed)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config.method, config.backbone, config.options, pretrained=True,
-                        weights=config.weights).to(device, memory_format=memory_format)
-    train_set = ImageDataset(data.train, config.image_size)
-    val_set = ImageDataset(data.val, config.image_size)
+def _stage_file(run_dir: Path, index: int, stage: TrainingStage) -> Path:
+    return run_dir / STAGE_FOLDER / f"{index + 1}_{stage.name}.pt"
+
+
+def _try_resume_stage(run_dir: Path, index: int, stage: TrainingStage, model: DistillationModel,
+                      config: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Load a finished stage saved by an interrupted run with the same config; None when there is none."""
+    path = _stage_file(run_dir, index, stage)
+    info_path = path.with_suffix(".json")
+    if not (path.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("config") != config.to_dict():
+        log(f"  ignoring {path}: saved with a different configuration")
+        return None
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    log(f"stage {index + 1} ({stage.name}) resumed from {path}")
+    return info
+
+
+def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
+               device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """One optimisation stage: its own optimizer, schedule and step budget; returns its history."""
     batch_size = min(config.batch_size, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
     # BatchNorm cannot train on a batch of one: drop a trailing single image.
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                         drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
-    optimizer = make_optimizer(config.optimizer, model.trainable_parameters())
+    optimizer_config = stage.optimizer or config.optimizer
     steps_per_epoch = len(loader)
-    epochs = config.epochs_for(steps_per_epoch)
-    scheduler = make_scheduler(optimizer, config.optimizer, epochs)
-    log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
-        f"{len(val_set)} held out; {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, "
-        f"{config.image_size}px, device {device}")
+    epochs = max(1, round(config.epochs_for(steps_per_epoch) * stage.length_ratio))
+    optimizer = make_optimizer(optimizer_config, stage.parameters())
+    scheduler = make_scheduler(optimizer, optimizer_config, epochs)
+    log(f"{prefix}{epochs} epochs x {steps_per_epoch} steps, batch {batch_size}")
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    cache = teacher_cache(model, train_set, batch_size, device, memory_format) if config.cache_teacher else None
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    use_cache = stage.cache_teacher and config.cache_teacher
+    cache = teacher_cache(model, train_set, batch_size, device, memory_format) if use_cache else None
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=stage.name)
     for epoch in range(epochs):
         model.train()
+        stage.on_train(model)
         epoch_loss, seen = 0.0, 0
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             teacher = [level[batch["index"].to(device)] for level in cache] if cache is not None else None
-            loss = model.training_loss(images, teacher)
+            loss = stage.loss(images, teacher)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 bar.close()
-                raise RunError(f"the loss became {loss_value} at epoch {epoch + 1}: lower the learning rate "
-                               f"(now {config.optimizer.lr})")
+                raise RunError(f"the {stage.name} loss became {loss_value} at epoch {epoch + 1}: lower the "
+                               f"learning rate (now {optimizer_config.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -145,10 +173,49 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
                         "seconds": time.perf_counter() - start})
         if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
-            log(f"  epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
+            log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
                 f"{history[-1]['seconds']:.0f} s")
     bar.close()
-    train_seconds = time.perf_counter() - start
+    return {"name": stage.name, "epochs": epochs, "seconds": time.perf_counter() - start, "history": history}
+
+
+def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `config.method` on data.train, calibrate on data.val (defect-free only), save to run_dir.
+
+    Multi-stage methods (AAND) save each finished stage under run_dir/stages/; a rerun with the same config
+    resumes after the last finished stage. The stage files are removed once the run is complete.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, overwrite)
+    device = resolve_device(config.device)
+    if not data.train:
+        raise RunError(f"no defect-free training images in {data.name}")
+    seed_everything(config.seed)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = build_model(config.method, config.backbone, config.options, pretrained=True,
+                        weights=config.weights).to(device, memory_format=memory_format)
+    train_set = ImageDataset(data.train, config.image_size)
+    val_set = ImageDataset(data.val, config.image_size)
+    stages = model.training_stages()
+    log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
+        f"{len(val_set)} held out; {config.image_size}px, device {device}")
+    stage_reports: list[dict[str, Any]] = []
+    for index, stage in enumerate(stages):
+        prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
+        last = index == len(stages) - 1
+        resumed = None if last else _try_resume_stage(run_dir, index, stage, model, config, log)
+        if resumed is not None:
+            stage_reports.append(resumed["report"])
+            continue
+        seed_everything(config.seed + index)
+        report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
+        stage_reports.append(report)
+        if not last:
+            path = _stage_file(run_dir, index, stage)
+            atomic_torch_save(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            atomic_write_json(path.with_suffix(".json"), {"config": config.to_dict(), "report": report})
+    train_seconds = sum(r["seconds"] for r in stage_reports)
 
     model.eval()
     if len(val_set) == 0:
@@ -162,14 +229,18 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     _, val_scores = score_dataset(scorer, calibration_set, batch_size=config.batch_size, device=device,
                                   keep_maps=False)
     calibration = calibrate(val_scores, k=config.threshold_k)
+    history = stage_reports[-1]["history"]
     extra: dict[str, Any] = {
         "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
                  "val_files": [str(s.path) for s in data.val]},
-        "training": {"seconds": train_seconds, "epochs": epochs, "final_train_loss": history[-1]["train_loss"],
-                     "val_loss": val_loss, "calibration_source": calibration_source, "history": history},
+        "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
+                     "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
+                     "calibration_source": calibration_source, "history": history,
+                     "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run(run_dir, model, config, calibration, extra)
+    shutil.rmtree(run_dir / STAGE_FOLDER, ignore_errors=True)
     log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
         f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")
     return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -64,6 +64,26 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+@dataclass
+class TrainingStage:
+    """One optimisation stage of a method. Single-stage methods have one ("distill"); AAND has two.
+
+    `loss(images, teacher)` gets a batch of clean training images in [0,1] and, when `cache_teacher` is set, the
+    model's `teacher_features` of those images computed once at the start of the stage (else None).
+    `optimizer` of None means the run config's; the stage trains for the run's length times `length_ratio`
+    (AAND's recipe: 100 amplification epochs for 120 distillation epochs); `on_train` runs after model.train()
+    each epoch (to keep frozen parts in eval mode).
+    """
+
+    name: str
+    parameters: Callable[[], Iterable[nn.Parameter]]
+    loss: Callable[[torch.Tensor, list[torch.Tensor] | None], torch.Tensor]
+    cache_teacher: bool = True
+    optimizer: Any = None
+    length_ratio: float = 1.0
+    on_train: Callable[[nn.Module], None] = lambda model: None
+
+
 class DistillationModel(nn.Module):
     """A frozen teacher plus trainable students.
 
@@ -123,6 +143,10 @@ class DistillationModel(nn.Module):
 
     def training_loss(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
         return self.loss(self.feature_pairs(images, teacher))
+
+    def training_stages(self) -> list[TrainingStage]:
+        """Default: one stage that trains every non-teacher parameter on the distillation loss."""
+        return [TrainingStage("distill", self.trainable_parameters, self.training_loss)]
 
     def train(self, mode: bool = True) -> DistillationModel:
         super().train(mode)
