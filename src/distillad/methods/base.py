@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -35,9 +35,8 @@ class MethodOptions:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown option(s) for this method: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        for name in ("levels",):
-            if name in values and values[name] is not None:
-                values[name] = tuple(int(v) for v in values[name])
+        if values.get("levels") is not None:
+            values["levels"] = tuple(int(v) for v in values["levels"])
         options = cls(**values)
         options.validate()
         return options
@@ -52,14 +51,14 @@ class MethodOptions:
     def validate(self) -> None:
         if not self.levels or any(level not in (1, 2, 3) for level in self.levels):
             raise ValueError(f"levels must be a non-empty subset of 1, 2, 3; got {self.levels}")
-        _check_choice("input_norm", self.input_norm, ("native", "imagenet"))
-        _check_choice("level_fusion", self.level_fusion, ("sum", "product", "mean"))
-        _check_choice("student_fusion", self.student_fusion, ("mean", "max", "product"))
+        check_choice("input_norm", self.input_norm, ("native", "imagenet"))
+        check_choice("level_fusion", self.level_fusion, ("sum", "product", "mean"))
+        check_choice("student_fusion", self.student_fusion, ("mean", "max", "product"))
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -129,9 +128,6 @@ class DistillationModel(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.input_mean) / self.input_std
 
-    def level_index(self, level: int) -> int:
-        return level - 1
-
     def teacher_features(self, images: torch.Tensor, cached: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if cached is not None:
             return cached
@@ -157,11 +153,3 @@ class DistillationModel(nn.Module):
 def select_levels(pairs: list[tuple[torch.Tensor, torch.Tensor]], levels: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keep the (teacher, student) pairs of the matched levels; pairs are indexed by level 1..3."""
     return [pairs[level - 1] for level in levels]
-
-
-@dataclass
-class MethodInfo:
-    """Registry entry; `defaults` are the training-recipe defaults merged under the user's config."""
-
-    model_class: type[DistillationModel]
-    defaults: dict[str, Any] = field(default_factory=dict)

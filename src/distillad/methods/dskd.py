@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from distillad.backbones import create_backbone
-from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, _check_choice, select_levels
+from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, check_choice, select_levels
 from distillad.methods.parts import (
     MirroredDecoder,
     PyramidEmbedding,
@@ -37,8 +37,8 @@ class DSKDOptions(MethodOptions):
 
     def validate(self) -> None:
         super().validate()
-        _check_choice("students", self.students, ("both", "encoder", "decoder"))
-        _check_choice("df_input", self.df_input, ("student", "teacher", "both"))
+        check_choice("students", self.students, ("both", "encoder", "decoder"))
+        check_choice("df_input", self.df_input, ("student", "teacher", "both"))
         if self.students == "decoder" and self.df_input != "teacher":
             raise ValueError("students=decoder has no encoder student to feed the DF embedding: use df_input=teacher")
 
