@@ -1,4 +1,4 @@
-"""Command line: `distillad train | test | predict | demo`.
+"""Command line: `distillad train | test | predict | demo | speed | benchmark | anomalies`.
 
 Every user-facing failure (bad data, missing weights, unfinished run, bad option) ends in one line naming the file
 and the problem, exit code 2; set DISTILLAD_DEBUG=1 to see the traceback instead.
@@ -90,6 +90,73 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
     demo.add_argument("--overwrite", action="store_true")
     common(demo)
+
+    speed = commands.add_parser(
+        "speed", help="inference latency, throughput, memory, parameters and GFLOPs",
+        description="Times scorer(images) - the path test and predict run, map fusion and blur included - in a fresh "
+                    "process: latency per image at batch 1 (median after warm-up), throughput at batch 16, peak "
+                    "resident memory (model + inference), parameters and GFLOPs per image (torch's count: 2 FLOPs "
+                    "per multiply-add).")
+    speed_source = speed.add_mutually_exclusive_group(required=True)
+    speed_source.add_argument("--run", type=Path, help="a trained run folder")
+    speed_source.add_argument("--method", choices=sorted(METHODS),
+                              help="a fresh model (pretrained teacher when available offline, random students)")
+    speed.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="with --method (default efficientnet_lite0)")
+    speed.add_argument("--weights", default=None, help="with --method: local teacher checkpoint (ResNet family)")
+    speed.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="with --method: a method switch, e.g. --option students=encoder")
+    speed.add_argument("--image-size", type=int, default=None, help="default: the run's, or 256 with --method")
+    speed.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    speed.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
+    speed.add_argument("--repeats", type=int, default=30, help="timed single-image calls (default 30)")
+    speed.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    speed.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    speed.add_argument("--in-process", action="store_true",
+                       help="measure in this process (peak memory then includes everything the process did)")
+
+    bench = commands.add_parser(
+        "benchmark", help="train and test variants x categories x seeds; write results.csv and results.md",
+        description="Runs every (variant, category, seed) cell of a YAML spec (see benchmarks/*.yaml) or of the "
+                    "flags, skipping finished cells, and rewrites OUT/results.csv and OUT/results.md after each. "
+                    "Relative paths are taken from the current folder.")
+    bench.add_argument("spec", nargs="?", type=Path, default=None, metavar="SPEC.yaml",
+                       help="benchmark spec; the flags below replace its entries")
+    bench.add_argument("--out", type=Path, default=None, help="output folder (spec: out)")
+    bench.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
+                       help="one default variant per method (replaces the spec's variants)")
+    bench.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="run only these spec variants")
+    bench.add_argument("--categories", nargs="+", type=Path, default=None, metavar="DIR",
+                       help="MVTec-layout category folders (spec: categories)")
+    bench.add_argument("--seeds", nargs="+", type=int, default=None, help="spec: seeds (default 0)")
+    bench.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="override every variant's teacher")
+    bench.add_argument("--epochs", type=int, default=None, help="override every variant's training length")
+    bench.add_argument("--image-size", type=int, default=None, help="override every variant's image size")
+    bench.add_argument("--no-speed", action="store_true", help="skip the per-variant speed measurement")
+    bench.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    bench.add_argument("--redo-changed", action="store_true",
+                       help="retrain finished cells whose configuration differs from the spec's")
+    common(bench)
+    anomalies = commands.add_parser(
+        "anomalies", help="draw AAND's synthetic anomalies on some training images, as a PNG grid",
+        description="Writes image | mask | anomalous triplets: in the mask tile the foreground is dark grey and the "
+                    "synthetic anomaly white, so anomalies off the object are easy to spot.")
+    anomalies.add_argument("--data", required=True, type=Path,
+                           help="a category folder (its train/good images) or a folder of images")
+    anomalies.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    anomalies.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    anomalies.add_argument("--seed", type=int, default=0)
+    anomalies.add_argument("--image-size", type=int, default=256)
+    anomalies.add_argument("--texture-dir", type=Path, default=None,
+                           help="folder of texture images (default: built-in procedural textures)")
+    anomalies.add_argument("--foreground", choices=("auto", "whole", "mask"), default="auto",
+                           help="where anomalies may go: the object found per image (auto), the whole image, or "
+                                "--foreground-mask")
+    anomalies.add_argument("--foreground-mask", type=Path, default=None, help="mask image, white = object")
+    anomalies.add_argument("--probability", type=float, default=1.0,
+                           help="share of images given an anomaly (default 1: every triplet shows one; training "
+                                "uses 0.8)")
+    common(anomalies)
+
     return parser
 
 
@@ -175,7 +242,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_speed(args: argparse.Namespace) -> int:
+    from distillad.engine.checkpoint import atomic_write_json
+    from distillad.engine.speed import format_report, speed_report
+
+    if args.run is not None and (args.backbone or args.weights or args.option):
+        raise ValueError("--backbone, --weights and --option describe a fresh model: use them with --method, not --run")
+    if args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+    result = speed_report(run=args.run, method=args.method, backbone=args.backbone, options=dict(args.option),
+                          weights=args.weights, image_size=args.image_size, threads=args.threads,
+                          warmup=args.warmup, repeats=args.repeats, device=args.device or "cpu",
+                          isolate=not args.in_process)
+    print(format_report(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from distillad.engine.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark
+
+    flags: dict[str, Any] = {"out": args.out, "methods": args.methods, "categories": args.categories,
+                             "seeds": args.seeds, "variants": args.variants, "speed": False if args.no_speed else None}
+    spec = load_spec(args.spec, **flags) if args.spec else build_spec(None, **flags)
+    overrides = {"backbone": args.backbone, "epochs": args.epochs, "image_size": args.image_size,
+                 "device": args.device}
+    if args.dry_run:
+        print(describe_plan(spec, plan_cells(spec, overrides)))
+        return 0
+    run_benchmark(spec, overrides=overrides, progress=not args.no_progress, redo_changed=args.redo_changed,
+                  log=lambda text: print(text, flush=True))
+    return 0
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    from distillad.data.anomalies import save_anomaly_grid
+
+    if args.n < 1 or args.image_size < 8:
+        raise ValueError("--n must be >= 1 and --image-size >= 8")
+    foreground = "mask" if args.foreground_mask is not None and args.foreground == "auto" else args.foreground
+    out = save_anomaly_grid(args.data, args.out, n=args.n, seed=args.seed, image_size=args.image_size,
+                            texture_dir=args.texture_dir, foreground=foreground,
+                            foreground_mask=args.foreground_mask, probability=args.probability)
+    print(f"wrote {out} (image | mask | anomalous; foreground dark grey, anomaly white)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo, "speed": cmd_speed,
+            "benchmark": cmd_benchmark, "anomalies": cmd_anomalies}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Data loading: image/mask readers, dataset discovery (MVTec or plain folders), a cached Dataset, a synthetic demo set."""
 
+from .anomalies import AnomalyGenerator, SyntheticAnomalies, estimate_foreground, perlin_noise, save_anomaly_grid
 from .datasets import (
     CategorySplit,
     ImageDataset,
@@ -30,4 +31,9 @@ __all__ = [
     "preload",
     "make_synthetic_dataset",
     "DEFECT_TYPES",
+    "AnomalyGenerator",
+    "SyntheticAnomalies",
+    "estimate_foreground",
+    "perlin_noise",
+    "save_anomaly_grid",
 ]

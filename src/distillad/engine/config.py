@@ -78,6 +78,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
              "optimizer": {"name": "adam", "lr": 0.002, "betas": (0.5, 0.999), "milestones": (0.8, 0.9)}},
     "rd": {"batch_size": 16,
            "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999)}},
+    "aand": {"batch_size": 16,
+             "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999), "milestones": (0.8, 0.9),
+                           "gamma": 0.2}},
     "stfpm": {"batch_size": 32, "steps": 180,   # same number of images seen as the batch-16 recipes
               "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}},
 }

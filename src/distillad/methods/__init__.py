@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillad.methods.aand import AAND, AANDOptions
 from distillad.methods.base import DistillationModel, MethodOptions
 from distillad.methods.dskd import DSKD, DSKDOptions
 from distillad.methods.rd import RDOptions, ReverseDistillation
@@ -13,6 +14,7 @@ METHODS: dict[str, type[DistillationModel]] = {
     "dskd": DSKD,
     "stfpm": STFPM,
     "rd": ReverseDistillation,
+    "aand": AAND,
 }
 
 
@@ -30,5 +32,5 @@ def build_model(method: str, backbone: str, options: dict[str, Any] | None = Non
     return cls(backbone, cls.options_class.from_dict(options), pretrained=pretrained, weights=weights)
 
 
-__all__ = ["DSKD", "DSKDOptions", "METHODS", "DistillationModel", "MethodOptions", "RDOptions",
+__all__ = ["AAND", "AANDOptions", "DSKD", "DSKDOptions", "METHODS", "DistillationModel", "MethodOptions", "RDOptions",
            "ReverseDistillation", "STFPM", "STFPMOptions", "build_model", "method_class"]
