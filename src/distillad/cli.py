@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run folder to create")
     train.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="teacher (default efficientnet_lite0)")
     train.add_argument("--weights", default=None, help="local teacher checkpoint file (ResNet family)")
-    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None,
+                       help="default: as many as make about --steps optimizer steps")
+    train.add_argument("--steps", type=int, default=None, help="training budget in optimizer steps (default: the method's recipe, 360 at batch 16)")
     train.add_argument("--image-size", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
@@ -192,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     file_values = load_yaml(args.config) if args.config else {}
     overrides: dict[str, Any] = {
         "method": args.method, "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs,
+        "steps": args.steps,
         "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
         "val_fraction": args.val_fraction,
     }
