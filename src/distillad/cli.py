@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", default=None, help="local teacher checkpoint file (ResNet family)")
     train.add_argument("--epochs", type=int, default=None,
                        help="default: as many as make about --steps optimizer steps")
-    train.add_argument("--steps", type=int, default=None, help="training budget in optimizer steps (default: the method's recipe, 360 at batch 16)")
+    train.add_argument("--steps", type=int, default=None,
+                       help="training budget in optimizer steps (default: the method's recipe, 360 at batch 16)")
     train.add_argument("--image-size", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
