@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,11 @@ from distillad.scoring import AnomalyScorer, Calibration
 
 
 def score_dataset(scorer: AnomalyScorer, dataset: ImageDataset, *, batch_size: int = 16,
-                  device: torch.device | str = "cpu", keep_maps: bool = True,
-                  progress: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
-    """Maps (N,H,W) float32 (None unless keep_maps) and image scores (N,) for every image, in dataset order."""
+                  device: torch.device | str = "cpu", keep_maps: bool = True, progress: bool = False,
+                  on_batch: Callable[[dict[str, Any]], None] | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """Maps (N,H,W) float32 (None unless keep_maps) and image scores (N,) for every image, in dataset order.
+
+    `on_batch` sees each loaded batch (labels, masks), so callers need not load the dataset a second time."""
     maps: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     scorer.eval()
@@ -25,6 +28,8 @@ def score_dataset(scorer: AnomalyScorer, dataset: ImageDataset, *, batch_size: i
         for batch in tqdm(DataLoader(dataset, batch_size=batch_size), disable=not progress, unit="batch",
                           desc="scoring"):
             anomaly_map, score = scorer(batch["image"].to(device))
+            if on_batch is not None:
+                on_batch(batch)
             scores.append(score.float().cpu().numpy())
             if keep_maps:
                 maps.append(anomaly_map.float().cpu().numpy())
@@ -32,14 +37,22 @@ def score_dataset(scorer: AnomalyScorer, dataset: ImageDataset, *, batch_size: i
     return (np.concatenate(maps) if maps else None), all_scores
 
 
-def collect_masks(dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    labels, masks, has_mask = [], [], []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        labels.append(int(item["label"]))
-        masks.append(item["mask"].numpy())
-        has_mask.append(bool(item["has_mask"]) or int(item["label"]) == 0)
-    return np.asarray(labels), np.stack(masks), np.asarray(has_mask)
+class _TargetCollector:
+    """Gathers labels, masks and whether each mask is real ground truth from the scored batches."""
+
+    def __init__(self) -> None:
+        self.labels: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.has_mask: list[np.ndarray] = []
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        labels = batch["label"].numpy()
+        self.labels.append(labels)
+        self.masks.append(batch["mask"].numpy())
+        self.has_mask.append(batch["has_mask"].numpy() | (labels == 0))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.concatenate(self.labels), np.concatenate(self.masks), np.concatenate(self.has_mask)
 
 
 def threshold_report(scores: np.ndarray, labels: np.ndarray, calibration: Calibration | None) -> dict[str, Any] | None:
@@ -66,9 +79,11 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
         raise ValueError(f"{data.name} has no test images to evaluate")
     dataset = ImageDataset(data.test, image_size)
     start = time.perf_counter()
-    maps, scores = score_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress)
+    targets = _TargetCollector()
+    maps, scores = score_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress,
+                                 on_batch=targets)
     inference_seconds = time.perf_counter() - start
-    labels, masks, has_mask = collect_masks(dataset)
+    labels, masks, has_mask = targets.arrays()
     assert maps is not None
     result: dict[str, Any] = {
         "category": data.name,

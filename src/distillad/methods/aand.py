@@ -33,7 +33,7 @@ from distillad.methods.base import (
     check_choice,
     select_levels,
 )
-from distillad.methods.parts import MirroredDecoder, PyramidEmbedding, global_cosine_distance, hard_pixel_distance
+from distillad.methods.parts import global_cosine_distance, hard_pixel_distance, reverse_student
 
 if TYPE_CHECKING:
     from distillad.data.anomalies import AnomalyGenerator
@@ -246,10 +246,9 @@ class AAND(DistillationModel):
             self.amplifiers = nn.ModuleList(
                 ResidualAnomalyAmplifier(c, prototypes=options.prototypes, temperature=options.temperature)
                 for c in channels)
-        code_channels = 2 * channels[-1]
-        self.bottleneck = PyramidEmbedding(channels, code_channels, blocks=options.bottleneck_blocks)
-        self.decoder = MirroredDecoder(code_channels, channels, blocks_per_stage=options.decoder_blocks,
-                                       relu_output=self.teacher_relu_features)
+        self.bottleneck, self.decoder = reverse_student(
+            channels, channels, bottleneck_blocks=options.bottleneck_blocks, decoder_blocks=options.decoder_blocks,
+            relu_output=self.teacher_relu_features)
 
     # -- features ---------------------------------------------------------------------------------------------
     def vanilla_features(self, images: torch.Tensor) -> list[torch.Tensor]:

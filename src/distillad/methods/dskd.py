@@ -18,12 +18,7 @@ import torch
 
 from distillad.backbones import create_backbone
 from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, check_choice, select_levels
-from distillad.methods.parts import (
-    MirroredDecoder,
-    PyramidEmbedding,
-    cosine_distance_map,
-    global_cosine_distance,
-)
+from distillad.methods.parts import cosine_distance_map, global_cosine_distance, reverse_student
 
 
 @dataclass
@@ -57,10 +52,9 @@ class DSKD(DistillationModel):
             self.encoder_student = create_backbone(backbone, levels=(1, 2, 3), pretrained=False)
         if self.use_decoder:
             embed_channels = [2 * c for c in channels] if options.df_input == "both" else list(channels)
-            code_channels = 2 * channels[-1]
-            self.embedding = PyramidEmbedding(embed_channels, code_channels, blocks=options.bottleneck_blocks)
-            self.decoder_student = MirroredDecoder(code_channels, channels, blocks_per_stage=options.decoder_blocks,
-                                                   relu_output=self.teacher_relu_features)
+            self.embedding, self.decoder_student = reverse_student(
+                embed_channels, channels, bottleneck_blocks=options.bottleneck_blocks,
+                decoder_blocks=options.decoder_blocks, relu_output=self.teacher_relu_features)
 
     def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
         teacher = self.teacher_features(images, teacher)

@@ -138,3 +138,13 @@ class MirroredDecoder(nn.Module):
             x = stage(x)
             outputs.append(x)
         return outputs[::-1]
+
+
+def reverse_student(in_channels: Sequence[int], level_channels: Sequence[int], *, bottleneck_blocks: int,
+                    decoder_blocks: int, relu_output: bool) -> tuple[PyramidEmbedding, MirroredDecoder]:
+    """RD's student, shared by RD, DSKD's Sd and AAND: a pyramid embedding to a stride-32 code of twice the
+    deepest level's channels, and the mirrored decoder that restores `level_channels` from it."""
+    code_channels = 2 * level_channels[-1]
+    embedding = PyramidEmbedding(in_channels, code_channels, blocks=bottleneck_blocks)
+    decoder = MirroredDecoder(code_channels, level_channels, blocks_per_stage=decoder_blocks, relu_output=relu_output)
+    return embedding, decoder

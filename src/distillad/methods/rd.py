@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, select_levels
-from distillad.methods.parts import MirroredDecoder, PyramidEmbedding, global_cosine_distance
+from distillad.methods.parts import global_cosine_distance, reverse_student
 
 
 @dataclass
@@ -24,10 +24,9 @@ class ReverseDistillation(DistillationModel):
                  weights: str | None = None) -> None:
         super().__init__(backbone, options, pretrained=pretrained, weights=weights)
         channels = self.teacher.channels
-        code_channels = 2 * channels[-1]
-        self.bottleneck = PyramidEmbedding(channels, code_channels, blocks=options.bottleneck_blocks)
-        self.decoder = MirroredDecoder(code_channels, channels, blocks_per_stage=options.decoder_blocks,
-                                       relu_output=self.teacher_relu_features)
+        self.bottleneck, self.decoder = reverse_student(
+            channels, channels, bottleneck_blocks=options.bottleneck_blocks, decoder_blocks=options.decoder_blocks,
+            relu_output=self.teacher_relu_features)
 
     def decode(self, teacher: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.decoder(self.bottleneck(teacher))
