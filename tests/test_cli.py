@@ -35,6 +35,16 @@ def test_train_test_predict_through_the_cli(category, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max", "n_images", "seconds"):
         assert key in result
     assert "image_auroc" in out
+    assert result["threshold"] is not None
+    # a map option changed at test time: other maps, no stale threshold
+    code, out, err = run_cli(capsys, "test", "--run", run, "--data", category, "--json", tmp_path / "s.json",
+                             "--no-progress", "--option", "sigma=0")
+    assert code == 0, err
+    unblurred = json.loads((tmp_path / "s.json").read_text())
+    assert unblurred["options"]["sigma"] == 0 and unblurred["threshold"] is None
+    assert unblurred["pixel_auroc"] != result["pixel_auroc"]
+    code, out, err = run_cli(capsys, "test", "--run", run, "--data", category, "--option", "levels=[3]")
+    assert code == 2 and "new training run" in err and "Traceback" not in err
     code, out, err = run_cli(capsys, "predict", "--run", run, category / "test" / "good", "--out", tmp_path / "p",
                              "--no-progress")
     assert code == 0, err

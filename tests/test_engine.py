@@ -87,6 +87,29 @@ def test_run_folder_round_trip(tiny_run):
     assert run.calibration == result.calibration
 
 
+def test_map_options_change_at_test_time_and_drop_the_calibration(tiny_run):
+    run_dir, result, _ = tiny_run
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        saved = load_run(run_dir)
+        same = load_run(run_dir, map_options={"student_fusion": "mean", "sigma": 4.0})
+        assert same.calibration == saved.calibration                  # nothing changed: the threshold still holds
+        maximum = load_run(run_dir, map_options={"student_fusion": "max", "sigma": 0})
+        assert maximum.calibration is None and maximum.config.options["student_fusion"] == "max"
+        # by hand: the unblurred per-student maps, their pixel-wise maximum
+        from distillad.scoring.maps import fuse, level_maps, upsample
+
+        per_student = [fuse([upsample(m, (64, 64)) for m in maps], "sum")
+                       for maps in level_maps(saved.model.feature_pairs(images))]
+        assert len(per_student) == 2
+        expected = torch.maximum(per_student[0], per_student[1])
+        assert torch.allclose(maximum.scorer(images)[0], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="new training run"):
+        load_run(run_dir, map_options={"levels": [3]})
+    with pytest.raises(ValueError, match="student_fusion"):
+        load_run(run_dir, map_options={"student_fusion": "median"})
+
+
 def test_existing_run_is_never_overwritten(tiny_run, tiny_category):
     run_dir, _, data = tiny_run
     before = (run_dir / MODEL_FILE).read_bytes()

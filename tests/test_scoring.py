@@ -72,3 +72,95 @@ def test_calibration_single_image_and_bad_input():
         calibrate([])
     with pytest.raises(ValueError, match="NaN"):
         calibrate([1.0, float("nan")])
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm folding
+
+
+def _eval_bn(channels: int, seed: int) -> torch.nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels, eps=1e-3)
+    bn.weight.data = torch.rand(channels, generator=g) + 0.5
+    bn.bias.data = torch.randn(channels, generator=g)
+    bn.running_mean = torch.randn(channels, generator=g)
+    bn.running_var = torch.rand(channels, generator=g) + 0.1
+    return bn.eval()
+
+
+def test_fold_batchnorm_hand_computed_1x1_conv():
+    from distillad.scoring.fold import fold_batchnorm
+
+    conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+    conv.weight.data.fill_(2.0)
+    bn = torch.nn.BatchNorm2d(1, eps=0.0)
+    bn.weight.data.fill_(3.0)
+    bn.bias.data.fill_(1.0)
+    bn.running_mean.fill_(4.0)
+    bn.running_var.fill_(9.0)
+    model = torch.nn.Sequential(conv, bn).eval()
+    x = torch.full((1, 1, 2, 2), 5.0)
+    assert fold_batchnorm(model, lambda m: m(x)) == 1
+    assert isinstance(model[1], torch.nn.Identity)
+    # BN(2x) = 3 * (2x - 4) / 3 + 1 = 2x - 3: weight 2, bias -3
+    assert model[0].weight.item() == pytest.approx(2.0) and model[0].bias.item() == pytest.approx(-3.0)
+    assert torch.equal(model(x), torch.full((1, 1, 2, 2), 7.0))
+
+
+def test_fold_batchnorm_conv_transpose_grouped_conv_and_a_shared_output():
+    from distillad.scoring.fold import fold_batchnorm
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(4, 6, 2, stride=2, bias=False)
+            self.bn_up = _eval_bn(6, 1)
+            self.dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True)
+            self.bn_dw = _eval_bn(6, 2)
+            self.side = torch.nn.Conv2d(6, 6, 1)
+            self.bn_side = _eval_bn(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn_dw(self.dw(self.bn_up(self.up(x))))
+            z = self.side(y)
+            return self.bn_side(z) + z          # z is used twice: folding bn_side would change the output
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = net(x)
+        assert fold_batchnorm(net, lambda m: m(x)) == 0        # the unsafe pair spoils the check: nothing changes
+        assert torch.equal(net(x), expected) and isinstance(net.bn_side, torch.nn.BatchNorm2d)
+        net.forward = lambda x: net.bn_dw(net.dw(net.bn_up(net.up(x))))   # only safe pairs left
+        expected = net(x)
+        assert fold_batchnorm(net, lambda m: m(x)) == 2
+        assert torch.allclose(net(x), expected, atol=1e-5)
+
+
+def test_fold_batchnorm_keeps_every_methods_maps(tmp_path):
+    from distillad.methods import METHODS, build_model
+    from distillad.scoring import AnomalyScorer
+
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for name in sorted(METHODS):
+        torch.manual_seed(0)
+        model = build_model(name, "efficientnet_lite0", {}, pretrained=False).eval()
+        for module in model.modules():          # non-trivial running statistics everywhere
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        scorer = AnomalyScorer(model).eval()
+        with torch.no_grad():
+            maps, scores = scorer(images)
+            assert scorer.fold_batchnorm(64) > 40, name
+            folded_maps, folded_scores = scorer(images)
+        assert torch.allclose(folded_maps, maps, rtol=1e-3, atol=1e-4), name
+        assert torch.allclose(folded_scores, scores, rtol=1e-3, atol=1e-4), name
+
+
+def test_fold_batchnorm_refuses_training_mode():
+    from distillad.scoring.fold import fold_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model, lambda m: m(torch.zeros(1, 1, 2, 2)))

@@ -65,11 +65,22 @@ def test_fresh_resnet_model_without_cached_weights_is_random_and_says_so(monkeyp
 
 
 def test_fresh_efficientnet_model_uses_the_pretrained_teacher():
-    scorer, info = build_scorer(method="dskd", options={"students": "encoder"}, image_size=64)
+    scorer, info = build_scorer(method="dskd", options={"students": "encoder"}, image_size=64, fold=False)
     assert info["teacher_weights"] == "pretrained" and info["options"] == {"students": "encoder"}
+    assert info["batchnorm_folded"] == 0
     reference = build_model("dskd", "efficientnet_lite0", {"students": "encoder"}, pretrained=True)
     first = next(iter(reference.teacher.state_dict().items()))
     assert torch.equal(scorer.model.teacher.state_dict()[first[0]], first[1])
+
+
+def test_speed_measures_the_folded_model_predict_runs():
+    images = torch.rand(1, 3, 64, 64)
+    folded, info = build_scorer(method="dskd", image_size=64)
+    plain, _ = build_scorer(method="dskd", image_size=64, fold=False)
+    assert info["batchnorm_folded"] > 40
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.teacher.modules())
+    with torch.no_grad():       # the same pretrained teacher, folded and not: the same features
+        assert torch.allclose(folded.model.teacher(images)[0], plain.model.teacher(images)[0], rtol=1e-3, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

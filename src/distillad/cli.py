@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--data", required=True, type=Path, help="category folder in the MVTec layout")
     test.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     test.add_argument("--batch-size", type=int, default=16)
+    test.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+                      help="evaluate with another map option (level_fusion, student_fusion, sigma) without "
+                           "retraining; the saved threshold then no longer applies and is not reported")
     common(test)
 
     predict = commands.add_parser("predict", help="score images with a trained run",
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=30, help="timed single-image calls (default 30)")
     speed.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     speed.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    speed.add_argument("--no-fold", action="store_true",
+                       help="keep BatchNorm separate from the convolutions (predict folds them; this measures that)")
     speed.add_argument("--in-process", action="store_true",
                        help="measure in this process (peak memory then includes everything the process did)")
 
@@ -213,11 +218,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     from distillad.engine import evaluate_split, load_run
     from distillad.engine.checkpoint import atomic_write_json
 
-    run = load_run(args.run, args.device or "cpu")
+    run = load_run(args.run, args.device or "cpu", map_options=dict(args.option))
     data = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
     result = evaluate_split(run.scorer, data, run.config.image_size, batch_size=args.batch_size,
                             device=args.device or "cpu", calibration=run.calibration, progress=not args.no_progress)
-    result.update({"method": run.config.method, "backbone": run.config.backbone, "run": str(args.run)})
+    result.update({"method": run.config.method, "backbone": run.config.backbone, "run": str(args.run),
+                   "options": run.config.options})
     print_metrics(result)
     if args.json:
         atomic_write_json(args.json, result)
@@ -257,7 +263,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     result = speed_report(run=args.run, method=args.method, backbone=args.backbone, options=dict(args.option),
                           weights=args.weights, image_size=args.image_size, threads=args.threads,
                           warmup=args.warmup, repeats=args.repeats, device=args.device or "cpu",
-                          isolate=not args.in_process)
+                          isolate=not args.in_process, fold=not args.no_fold)
     print(format_report(result))
     if args.json:
         atomic_write_json(args.json, result)

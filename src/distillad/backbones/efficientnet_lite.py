@@ -146,7 +146,7 @@ class Conv2dSameS2(nn.Conv2d):
         ph = kh - 2 + ih % 2
         pw = kw - 2 + iw % 2
         x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, None, 2, 0, 1, self.groups)
+        return F.conv2d(x, self.weight, self.bias, 2, 0, 1, self.groups)
 
 
 def _conv_kxk(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.Conv2d:

@@ -20,7 +20,8 @@ import torch
 import distillad
 from distillad.engine.config import TrainConfig, config_from_dict
 from distillad.engine.device import resolve_device
-from distillad.methods import DistillationModel, build_model
+from distillad.methods import DistillationModel, build_model, method_class
+from distillad.methods.base import MAP_OPTIONS
 from distillad.scoring import AnomalyScorer, Calibration
 
 MODEL_FILE = "model.pt"
@@ -97,6 +98,20 @@ class LoadedRun:
     scorer: AnomalyScorer
     calibration: Calibration | None
     meta: dict[str, Any]
+    batchnorm_folded: int = 0          # conv -> BN pairs folded for inference
+
+
+def _apply_map_options(config: TrainConfig, map_options: dict[str, Any]) -> bool:
+    """Put test-time map options into `config` (validated); True when any differs from the saved value."""
+    not_map = sorted(set(map_options) - set(MAP_OPTIONS))
+    if not_map:
+        raise ValueError(f"only the map options {', '.join(MAP_OPTIONS)} can change after training; "
+                         f"{', '.join(not_map)} would need a new training run")
+    saved = method_class(config.method).options_class.from_dict(config.options).to_dict()
+    merged = {**saved, **map_options}
+    method_class(config.method).options_class.from_dict(merged)   # raises ValueError on a bad value
+    config.options = {**config.options, **map_options}
+    return any(merged[key] != saved[key] for key in map_options)
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
@@ -114,8 +129,15 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild the model from meta.json and load model.pt with weights_only=True (no teacher download needed)."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             map_options: dict[str, Any] | None = None, fold_batchnorm: bool = True) -> LoadedRun:
+    """Rebuild the model from meta.json and load model.pt with weights_only=True (no teacher download needed).
+
+    `map_options` replaces saved options that only shape the anomaly map (MAP_OPTIONS: fusion rules, blur), to
+    compare them on one trained model. The saved calibration was fitted to the saved map, so it is dropped when
+    they change anything. `fold_batchnorm` folds BatchNorm into the convolutions for inference (checked on a probe:
+    the maps do not change beyond float rounding).
+    """
     run_dir = Path(run_dir)
     device = resolve_device(device)
     meta = read_meta(run_dir)
@@ -123,6 +145,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         config = config_from_dict(meta["config"])
     except (KeyError, ValueError, TypeError) as error:
         raise RunError(f"{run_dir / META_FILE} holds an invalid config: {error}") from None
+    changed = _apply_map_options(config, map_options or {})
     model = build_model(config.method, config.backbone, config.options, pretrained=False)
     model_path = run_dir / MODEL_FILE
     try:
@@ -137,6 +160,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         raise RunError(f"{model_path} does not match the model described in {META_FILE}: {error}") from None
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).eval()
-    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") and not changed else None
     scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
-    return LoadedRun(run_dir=run_dir, config=config, model=model, scorer=scorer, calibration=calibration, meta=meta)
+    folded = scorer.fold_batchnorm(config.image_size) if fold_batchnorm else 0
+    return LoadedRun(run_dir=run_dir, config=config, model=model, scorer=scorer, calibration=calibration, meta=meta,
+                     batchnorm_folded=folded)

@@ -216,8 +216,9 @@ def _teacher_available_offline(backbone: str, weights: str | None) -> tuple[bool
 
 def build_scorer(*, run: str | Path | None = None, method: str | None = None, backbone: str | None = None,
                  options: dict[str, Any] | None = None, weights: str | None = None, image_size: int | None = None,
-                 device: str = "cpu") -> tuple[AnomalyScorer, dict[str, Any]]:
+                 device: str = "cpu", fold: bool = True) -> tuple[AnomalyScorer, dict[str, Any]]:
     """The scorer to measure and what it is: a trained run (as `predict` loads it) or a fresh model of a method.
+    `fold`: BatchNorm folded into the convolutions, as `predict` does (False measures that lever).
 
     A fresh model follows the method's TrainConfig defaults (channels_last, image size) with pretrained teacher
     weights when they load offline and randomly initialised students."""
@@ -228,8 +229,8 @@ def build_scorer(*, run: str | Path | None = None, method: str | None = None, ba
 
     notes: list[str] = []
     if run is not None:
-        loaded = load_run(run, device)
-        config, scorer = loaded.config, loaded.scorer
+        loaded = load_run(run, device, fold_batchnorm=fold)
+        config, scorer, folded = loaded.config, loaded.scorer, loaded.batchnorm_folded
         info = {"source": f"run {run}", "run": str(run), "teacher_weights": "from the run"}
     else:
         if method is None:
@@ -254,10 +255,14 @@ def build_scorer(*, run: str | Path | None = None, method: str | None = None, ba
         info = {"source": f"method {config.method}", "run": None,
                 "teacher_weights": "pretrained" if pretrained else "random"}
     size = int(image_size or config.image_size)
+    if fold and run is None:
+        folded = scorer.fold_batchnorm(size)
+    elif run is None:
+        folded = 0
     if size != config.image_size and run is not None:
         notes.append(f"measured at {size} px; the run was trained at {config.image_size} px")
     info.update({"method": config.method, "backbone": config.backbone, "options": dict(config.options),
-                 "image_size": size, "notes": notes})
+                 "image_size": size, "batchnorm_folded": folded, "notes": notes})
     return scorer, info
 
 
@@ -268,7 +273,7 @@ def _measure_here(request: dict[str, Any]) -> dict[str, Any]:
     scorer, info = build_scorer(run=request.get("run"), method=request.get("method"),
                                 backbone=request.get("backbone"), options=request.get("options"),
                                 weights=request.get("weights"), image_size=request.get("image_size"),
-                                device=request.get("device", "cpu"))
+                                device=request.get("device", "cpu"), fold=request.get("fold", True))
     result = measure_speed(scorer, image_size=info["image_size"], threads=request["threads"],
                            warmup=request["warmup"], repeats=request["repeats"])
     return {**info, **result}
@@ -277,12 +282,12 @@ def _measure_here(request: dict[str, Any]) -> dict[str, Any]:
 def speed_report(*, run: str | Path | None = None, method: str | None = None, backbone: str | None = None,
                  options: dict[str, Any] | None = None, weights: str | None = None, image_size: int | None = None,
                  threads: int = DEFAULT_THREADS, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
-                 device: str = "cpu", isolate: bool = True) -> dict[str, Any]:
+                 device: str = "cpu", isolate: bool = True, fold: bool = True) -> dict[str, Any]:
     """Measure a run or a method; `isolate` runs it in a fresh `python -m distillad.engine.speed` process so that
     peak_rss_mb is Python + torch + model + inference only (`runtime_rss_mb`: the same process before the model)."""
     request = {"run": str(run) if run is not None else None, "method": method, "backbone": backbone,
                "options": dict(options or {}), "weights": weights, "image_size": image_size, "threads": int(threads),
-               "warmup": int(warmup), "repeats": int(repeats), "device": device}
+               "warmup": int(warmup), "repeats": int(repeats), "device": device, "fold": bool(fold)}
     if run is not None:
         from distillad.engine.checkpoint import read_meta
 
@@ -321,7 +326,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"speed of {result['method']} ({result['backbone']} teacher, {result['source']}) at "
         f"{result['image_size']}x{result['image_size']}, {result['threads']} thread(s), {result['device']}, "
-        f"{'channels_last' if result['channels_last'] else 'contiguous'}; torch {result['torch_version']}, "
+        f"{'channels_last' if result['channels_last'] else 'contiguous'}, "
+        f"{result.get('batchnorm_folded', 0)} BatchNorms folded; torch {result['torch_version']}, "
         f"{result['cpu_model']}",
         f"  latency, batch 1       {result['latency_ms_bs1']:.1f} ms median (min {result['latency_ms_bs1_min']:.1f}, "
         f"p90 {result['latency_ms_bs1_p90']:.1f}) over {result['repeats']} runs after {result['warmup']} warm-up",

@@ -17,6 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Per student, per level: (teacher feature, student feature).
 FeaturePairs = list[list[tuple[torch.Tensor, torch.Tensor]]]
 
+# Options that only shape the anomaly map from a trained model: they may change at test time without retraining.
+MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma")
+
 
 @dataclass
 class MethodOptions:

@@ -83,6 +83,17 @@ class AnomalyScorer(nn.Module):
         self.student_fusion = options.student_fusion
         self.blur = GaussianBlur(options.sigma)
 
+    def fold_batchnorm(self, image_size: int) -> int:
+        """Fold BatchNorm into the convolutions for inference (in place, eval mode); returns the pairs folded.
+
+        Checked on a probe image: a model whose maps would change is left as it was.
+        """
+        from distillad.scoring.fold import fold_batchnorm
+
+        device = next(self.model.parameters()).device
+        probe = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+        return fold_batchnorm(self, lambda scorer: scorer(probe))
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = (images.shape[-2], images.shape[-1])
         images = images.contiguous(memory_format=self.memory_format)
