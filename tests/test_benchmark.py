@@ -220,9 +220,58 @@ def test_cli_benchmark_bad_spec_is_one_clear_line(tmp_path, capsys):
     assert "bad.yaml" in err and "epoch" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["issue2_baselines.yaml", "dskd_ablations.yaml"])
+@pytest.mark.parametrize("name", ["issue2_baselines.yaml", "dskd_ablations.yaml", "study.yaml"])
 def test_shipped_specs_are_valid(name):
     from pathlib import Path
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "benchmarks" / name)
-    assert spec.seeds == [0, 1, 2] and spec.speed is not None and len(plan_cells(spec)) > 0
+    assert spec.seeds == [0, 1, 2] and len(plan_cells(spec)) > 0
+    assert all(spec.variants[v]["method"] == spec.variants[o]["method"] for v, o in spec.evaluated_runs_of.items())
+
+
+def test_evaluation_variants_reuse_the_runs_with_other_map_options(tmp_path, category, counted):
+    from distillad.data import discover_mvtec
+    from distillad.engine import evaluate_split, load_run
+
+    variants = {"dskd": {"method": "dskd"},
+                "dskd_max": {"evaluate_run_of": "dskd", "options": {"student_fusion": "max", "sigma": 0}}}
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", category, variants=variants, speed=False))
+    cells = plan_cells(spec)
+    assert cells[1].run_dir == cells[0].run_dir and cells[1].map_options == {"student_fusion": "max", "sigma": 0}
+    run_benchmark(spec, progress=False, log=lambda _: None)
+    assert counted[0].calls == 1                           # one training: the evaluation variant trains nothing
+    record = json.loads((cells[1].folder / "cell.json").read_text())
+    assert record["config"]["options"] == {"student_fusion": "max", "sigma": 0}
+    assert not (cells[1].folder / "run").exists()
+    # the oracle: the same run evaluated by hand with the same map options
+    data = discover_mvtec(category, val_fraction=0.1, seed=0)
+    run = load_run(cells[0].run_dir, map_options={"student_fusion": "max", "sigma": 0})
+    expected = evaluate_split(run.scorer, data, 64, batch_size=4)
+    assert all(record["metrics"][k] == pytest.approx(expected[k]) for k in METRIC_KEYS)
+    assert record["train_seconds"] == pytest.approx(json.loads((cells[0].folder / "cell.json").read_text())
+                                                    ["train_seconds"])
+    rows = list(csv.DictReader(open(spec.out / "results.csv")))
+    assert [r["variant"] for r in rows] == ["dskd", "dskd_max"]
+    # rerun: nothing to do
+    run_benchmark(spec, progress=False, log=lambda _: None)
+    assert counted[0].calls == 1
+
+
+def test_evaluation_variant_without_its_runs_fails_before_training(tmp_path, category, counted):
+    variants = {"dskd": {"method": "dskd"},
+                "dskd_max": {"evaluate_run_of": "dskd", "options": {"student_fusion": "max"}}}
+    path = write_spec(tmp_path / "spec.yaml", category, variants=variants, speed=False)
+    with pytest.raises(RunError, match="include variant 'dskd'"):
+        run_benchmark(load_spec(path, variants=["dskd_max"]), progress=False, log=lambda _: None)
+    assert counted[0].calls == 0
+
+
+@pytest.mark.parametrize("variants,match", [
+    ({"a": {"evaluate_run_of": "dskd", "options": {"sigma": 1}}, "dskd": {}}, "earlier variant"),
+    ({"dskd": {}, "z": {"evaluate_run_of": "dskd", "options": {"levels": [3]}}}, "only set map options"),
+    ({"dskd": {}, "z": {"evaluate_run_of": "dskd", "epochs": 3, "options": {"sigma": 1}}}, "epochs"),
+    ({"dskd": {}, "z": {"evaluate_run_of": "dskd"}}, "only set map options"),
+])
+def test_bad_evaluation_variants(tmp_path, category, variants, match):   # (safe_dump sorts the names)
+    with pytest.raises(ValueError, match=match):
+        load_spec(write_spec(tmp_path / "spec.yaml", category, variants=variants))

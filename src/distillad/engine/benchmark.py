@@ -12,6 +12,7 @@ A spec is a YAML file (or the equivalent flags)::
       dskd: {method: dskd}
       dskd_se_only: {method: dskd, options: {students: encoder}}
       stfpm: {}                            # method defaults to the variant's name when that is a method
+      dskd_max: {evaluate_run_of: dskd, options: {student_fusion: max}}   # no training: dskd's runs, another map
 
 Relative paths (out, categories) are taken relative to the *current working directory*, like every other path
 the CLI takes; the shipped specs in benchmarks/ are written to be run from the repository root.
@@ -21,11 +22,15 @@ evaluated with `evaluate_split` on the reloaded run (what `distillad test` does)
 cell.json atomically. A cell with a cell.json of the same configuration is never redone; a cell whose run folder
 is complete (meta.json of the same configuration) but lacks cell.json is only evaluated; anything else is
 retrained with overwrite. After every cell, results.csv and results.md are rewritten atomically.
+
+A variant with `evaluate_run_of: OTHER` trains nothing: it evaluates OTHER's runs (an earlier variant of the
+spec) with other map options (fusion rules, blur: MAP_OPTIONS), so map choices are compared on the same models.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -48,6 +53,7 @@ from distillad.engine.inference import evaluate_split
 from distillad.engine.speed import DEFAULT_REPEATS, DEFAULT_THREADS, DEFAULT_WARMUP, SpeedError, speed_report
 from distillad.engine.train import train_run
 from distillad.methods import METHODS
+from distillad.methods.base import MAP_OPTIONS
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
 METRIC_TITLES = ("image AUROC", "pixel AUROC", "AUPRO@0.3", "image F1-max", "pixel F1-max")
@@ -78,6 +84,7 @@ class BenchmarkSpec:
     variants: dict[str, dict[str, Any]]        # name -> TrainConfig settings (defaults already merged in)
     speed: dict[str, int] | None               # None: no speed measurement
     source: str = "command line"
+    evaluated_runs_of: dict[str, str] = field(default_factory=dict)   # variant -> variant whose runs it evaluates
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -148,15 +155,37 @@ def _parse_speed(value: Any, source: str) -> dict[str, int] | None:
     return settings
 
 
-def _parse_variants(value: Any, defaults: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+def _evaluation_variant(name: str, settings: dict[str, Any], variants: dict[str, dict[str, Any]],
+                        sources: dict[str, str], source: str) -> dict[str, Any]:
+    """The settings of a variant that re-evaluates an earlier variant's runs with other map options."""
+    other = settings["evaluate_run_of"]
+    if other not in variants or other in sources:
+        raise ValueError(f"{source}: variant {name!r}: evaluate_run_of must name an earlier variant that trains, "
+                         f"got {other!r}")
+    extra = sorted(set(settings) - {"evaluate_run_of", "options"})
+    options = settings.get("options") or {}
+    not_map = sorted(set(options) - set(MAP_OPTIONS)) if isinstance(options, dict) else ["options"]
+    if extra or not_map or not options:
+        raise ValueError(f"{source}: variant {name!r} evaluates {other!r}'s runs: it may only set map options "
+                         f"({', '.join(MAP_OPTIONS)}) under options:, not {', '.join(extra + not_map) or 'nothing'}")
+    return _deep_merge(variants[other], {"options": options})
+
+
+def _parse_variants(value: Any, defaults: dict[str, Any], source: str
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{source}: variants must be a non-empty mapping name -> settings")
     variants: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
     for name, settings in value.items():
         _check_name("variant", name, source)
         settings = {} if settings is None else settings
         if not isinstance(settings, dict):
             raise ValueError(f"{source}: variant {name!r} must be a mapping of settings, got {type(settings).__name__}")
+        if "evaluate_run_of" in settings:
+            variants[name] = _evaluation_variant(name, settings, variants, sources, source)
+            sources[name] = settings["evaluate_run_of"]
+            continue
         merged = _deep_merge(defaults, settings)
         if "seed" in merged:
             raise ValueError(f"{source}: variant {name!r} sets 'seed'; seeds are set once, at the top level (seeds:)")
@@ -169,7 +198,7 @@ def _parse_variants(value: Any, defaults: dict[str, Any], source: str) -> dict[s
         except ValueError as error:
             raise ValueError(f"{source}: variant {name!r}: {error}") from None
         variants[name] = merged
-    return variants
+    return variants, sources
 
 
 def build_spec(values: dict[str, Any] | None = None, *, source: str = "command line", out: str | Path | None = None,
@@ -206,7 +235,7 @@ def build_spec(values: dict[str, Any] | None = None, *, source: str = "command l
     defaults = values.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError(f"{source}: defaults must be a mapping of TrainConfig settings")
-    parsed_variants = _parse_variants(values["variants"], defaults, source)
+    parsed_variants, sources = _parse_variants(values["variants"], defaults, source)
     if variants:
         missing = [v for v in variants if v not in parsed_variants]
         if missing:
@@ -217,7 +246,7 @@ def build_spec(values: dict[str, Any] | None = None, *, source: str = "command l
                          categories=_parse_categories(values["categories"], source),
                          seeds=_parse_seeds(values.get("seeds", [0]), source),
                          variants=parsed_variants, speed=_parse_speed(values.get("speed", True), source),
-                         source=source)
+                         source=source, evaluated_runs_of={v: o for v, o in sources.items() if v in parsed_variants})
 
 
 def load_spec(path: str | Path, **flags: Any) -> BenchmarkSpec:
@@ -236,10 +265,12 @@ class Cell:
     data_dir: Path
     config: TrainConfig
     folder: Path
+    runs_of: Path | None = None                 # an evaluation-only cell: the cell folder whose run it evaluates
+    map_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
-        return self.folder / "run"
+        return (self.runs_of or self.folder) / "run"
 
     @property
     def cell_file(self) -> Path:
@@ -272,7 +303,14 @@ def plan_cells(spec: BenchmarkSpec, overrides: dict[str, Any] | None = None) -> 
                 except ValueError as error:
                     raise ValueError(f"{spec.source}: variant {variant!r}: {error}") from None
                 folder = spec.out / CELLS_FOLDER / variant / category / f"seed{seed}"
-                cells.append(Cell(variant, category, seed, data_dir, config, folder))
+                other = spec.evaluated_runs_of.get(variant)
+                if other is None:
+                    cells.append(Cell(variant, category, seed, data_dir, config, folder))
+                    continue
+                map_options = {k: v for k, v in config.options.items() if k in MAP_OPTIONS}
+                cells.append(Cell(variant, category, seed, data_dir, config, folder,
+                                  runs_of=spec.out / CELLS_FOLDER / other / category / f"seed{seed}",
+                                  map_options=map_options))
     return cells
 
 
@@ -294,14 +332,30 @@ def cell_status(cell: Cell) -> str:
     return "partial" if cell.folder.exists() else "pending"
 
 
-def _reusable_run(cell: Cell) -> bool:
+def _trained_config(cell: Cell) -> TrainConfig:
+    """The config the cell's run must have been trained with (an evaluation-only cell: without its map options)."""
+    if cell.runs_of is None:
+        return cell.config
+    return dataclasses.replace(cell.config, options={k: v for k, v in cell.config.options.items()
+                                                     if k not in cell.map_options})
+
+
+def _run_differences(cell: Cell) -> list[str] | None:
+    """None when the cell's run folder is not a finished run; else how its config differs from the wanted one."""
     if not (cell.run_dir / META_FILE).is_file():
-        return False
+        return None
     try:
         meta = read_meta(cell.run_dir)
     except RunError:
-        return False
-    return not _config_difference(meta.get("config", {}), cell.config)
+        return None
+    saved = dict(meta.get("config", {}))
+    if cell.runs_of is not None:     # map options may have been saved explicitly at their default values
+        saved["options"] = {k: v for k, v in saved.get("options", {}).items() if k not in cell.map_options}
+    return _config_difference(saved, _trained_config(cell))
+
+
+def _reusable_run(cell: Cell) -> bool:
+    return _run_differences(cell) == []
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -508,12 +562,21 @@ def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[st
     data = discover_mvtec(cell.data_dir, val_fraction=cell.config.val_fraction, seed=cell.config.seed)
     if not data.test:
         raise DataError(f"{cell.data_dir} has no test images; a benchmark category needs the MVTec layout with test/")
-    if _reusable_run(cell):
+    if cell.runs_of is not None:
+        differences = _run_differences(cell)
+        if differences is None:
+            raise RunError(f"{cell.label} evaluates the run in {cell.run_dir}, which is not finished: run its variant "
+                           "first")
+        if differences:
+            raise RunError(f"{cell.label}: the run in {cell.run_dir} was trained with other settings "
+                           f"({', '.join(differences)})")
+        log(f"    evaluating the run in {cell.run_dir} with {cell.map_options}")
+    elif _reusable_run(cell):
         log(f"    reusing the finished run in {cell.run_dir} (same config); evaluating only")
     else:
         train_run(cell.config, data, cell.run_dir, progress=progress, overwrite=True,
                   log=lambda text: log(f"    {text}"))
-    run = load_run(cell.run_dir, cell.config.device)
+    run = load_run(cell.run_dir, cell.config.device, map_options=cell.map_options)
     training = run.meta.get("training", {})
     evaluation = evaluate_split(run.scorer, data, cell.config.image_size, batch_size=cell.config.batch_size,
                                 device=cell.config.device, calibration=run.calibration, progress=False)
@@ -540,7 +603,7 @@ def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[st
 
 def _ensure_speed(spec: BenchmarkSpec, variant: str, cells: list[Cell], log: Callable[[str], None]) -> None:
     """Measure a variant's speed once, on its first finished cell's run; a failure is reported, not fatal."""
-    if spec.speed is None:
+    if spec.speed is None or variant in spec.evaluated_runs_of:
         return
     finished = [c for c in cells if c.variant == variant and read_cell(c) is not None
                 and not _config_difference(read_cell(c).get("config", {}), c.config)]
@@ -574,6 +637,11 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
                        f"(differs in: {', '.join(difference)}); use another --out, restore the settings, or pass "
                        "--redo-changed to retrain them")
     todo = [c for c in cells if statuses[id(c)] != "done"]
+    will_train = {c.folder for c in todo if c.runs_of is None}
+    orphans = [c for c in todo if c.runs_of is not None and statuses[id(c)] != "trained" and c.runs_of not in will_train]
+    if orphans:
+        raise RunError(f"{orphans[0].label} evaluates {orphans[0].run_dir}, which is neither finished nor planned: "
+                       f"include variant {spec.evaluated_runs_of[orphans[0].variant]!r} (--variants) or run it first")
     missing = sorted({str(c.data_dir) for c in todo if not c.data_dir.is_dir()})
     if missing:
         raise DataError(f"{spec.source}: category folder(s) not found: {', '.join(missing)} (relative paths are taken "
