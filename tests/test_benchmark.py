@@ -210,6 +210,12 @@ def test_cli_benchmark_dry_run_then_run(category, tmp_path, capsys, monkeypatch)
     assert (tmp_path / "o" / "results.csv").is_file() and (tmp_path / "o" / "results.md").is_file()
     assert main(argv + ["--dry-run"]) == 0
     assert "[   done] stfpm / cat / seed 0" in capsys.readouterr().out
+    # another process may have rewritten the results over a subset of the cells: --results-only restores them
+    (tmp_path / "o" / "results.csv").write_text("stale\n")
+    assert main(["benchmark", "--methods", "stfpm", "rd", "--categories", "cat", "--out", "o", "--seeds", "0",
+                 "--epochs", "1", "--image-size", "64", "--results-only"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert [r["variant"] for r in rows] == ["stfpm"] and not (tmp_path / "o" / "cells" / "rd").exists()
 
 
 def test_cli_benchmark_bad_spec_is_one_clear_line(tmp_path, capsys):

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=int, default=None, help="override every variant's image size")
     bench.add_argument("--no-speed", action="store_true", help="skip the per-variant speed measurement")
     bench.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    bench.add_argument("--results-only", action="store_true",
+                       help="rewrite results.csv and results.md from the finished cells; run nothing")
     bench.add_argument("--redo-changed", action="store_true",
                        help="retrain finished cells whose configuration differs from the spec's")
     common(bench)
@@ -272,7 +274,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from distillad.engine.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark
+    from distillad.engine.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark, write_results
 
     flags: dict[str, Any] = {"out": args.out, "methods": args.methods, "categories": args.categories,
                              "seeds": args.seeds, "variants": args.variants, "speed": False if args.no_speed else None}
@@ -281,6 +283,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                  "device": args.device}
     if args.dry_run:
         print(describe_plan(spec, plan_cells(spec, overrides)))
+        return 0
+    if args.results_only:
+        spec.out.mkdir(parents=True, exist_ok=True)
+        csv_path, md_path = write_results(spec, plan_cells(spec, overrides))
+        print(f"wrote {csv_path} and {md_path}")
         return 0
     run_benchmark(spec, overrides=overrides, progress=not args.no_progress, redo_changed=args.redo_changed,
                   log=lambda text: print(text, flush=True))
