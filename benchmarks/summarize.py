@@ -22,7 +22,7 @@ METRICS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aup
 TABLES = (
     ("Methods at their defaults", "dskd", ("dskd", "stfpm", "rd", "aand")),
     ("DSKD against its ablations (METHODS.md 2.7)", "dskd",
-     ("dskd", "dskd_se_only", "dskd_sd_only", "dskd_no_interaction", "dskd_one_level")),
+     ("dskd", "dskd_se_only", "dskd_sd_only", "dskd_no_interaction", "dskd_one_level", "dskd_two_levels")),
     ("DSKD design choices: DF input, loss, teacher input normalisation", "dskd",
      ("dskd", "dskd_df_both", "dskd_global_cosine", "dskd_imagenet_norm")),
     ("DSKD map fusion (the same trained models, evaluated with other fusion rules)", "dskd",
