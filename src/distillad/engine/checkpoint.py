@@ -107,9 +107,10 @@ def _apply_map_options(config: TrainConfig, map_options: dict[str, Any]) -> bool
     if not_map:
         raise ValueError(f"only the map options {', '.join(MAP_OPTIONS)} can change after training; "
                          f"{', '.join(not_map)} would need a new training run")
-    saved = method_class(config.method).options_class.from_dict(config.options).to_dict()
+    options_class = method_class(config.method).options_class
+    saved = options_class.from_dict(config.options).to_dict()
     merged = {**saved, **map_options}
-    method_class(config.method).options_class.from_dict(merged)   # raises ValueError on a bad value
+    options_class.from_dict(merged)   # raises ValueError on a bad value
     config.options = {**config.options, **map_options}
     return any(merged[key] != saved[key] for key in map_options)
 

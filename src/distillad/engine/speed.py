@@ -252,13 +252,10 @@ def build_scorer(*, run: str | Path | None = None, method: str | None = None, ba
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(device, memory_format=memory_format).eval()
         scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
+        folded = scorer.fold_batchnorm(config.image_size) if fold else 0     # as load_run does for a run
         info = {"source": f"method {config.method}", "run": None,
                 "teacher_weights": "pretrained" if pretrained else "random"}
     size = int(image_size or config.image_size)
-    if fold and run is None:
-        folded = scorer.fold_batchnorm(size)
-    elif run is None:
-        folded = 0
     if size != config.image_size and run is not None:
         notes.append(f"measured at {size} px; the run was trained at {config.image_size} px")
     info.update({"method": config.method, "backbone": config.backbone, "options": dict(config.options),

@@ -9,7 +9,6 @@ the original is restored on any mismatch, so folding can never change what a mod
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -18,8 +17,9 @@ from torch import nn
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
-def _find_pairs(model: nn.Module, probe: Callable[[], object]) -> list[tuple[str, str]]:
-    """(conv name, BN name) pairs where the BN's input is the conv's output, each module called once."""
+def _find_pairs(model: nn.Module, probe: Callable[[], object]) -> tuple[list[tuple[str, str]], object]:
+    """(conv name, BN name) pairs where the BN's input is the conv's output, each module called once; and what
+    the probe returned."""
     names = {module: name for name, module in model.named_modules()}
     calls: dict[nn.Module, int] = {}
     producer: dict[int, tuple[torch.Tensor, nn.Module]] = {}   # id(output) -> (output kept alive, conv)
@@ -43,12 +43,13 @@ def _find_pairs(model: nn.Module, probe: Callable[[], object]) -> list[tuple[str
             handles.append(module.register_forward_pre_hook(before_bn))
     try:
         with torch.no_grad():
-            probe()
+            output = probe()
     finally:
         for handle in handles:
             handle.remove()
-    return [(names[conv], names[bn]) for conv, bn in pairs
-            if calls[conv] == 1 and calls[bn] == 1 and bn.track_running_stats and bn.running_var is not None]
+    foldable = [(names[conv], names[bn]) for conv, bn in pairs
+                if calls[conv] == 1 and calls[bn] == 1 and bn.track_running_stats and bn.running_var is not None]
+    return foldable, output
 
 
 def _fold_pair(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
@@ -79,12 +80,10 @@ def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], torch.Tensor | t
     """
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode (BatchNorm folds its running statistics)")
-    pairs = _find_pairs(model, lambda: run(model))
+    pairs, before = _find_pairs(model, lambda: run(model))
     if not pairs:
         return 0
-    original = copy.deepcopy(model.state_dict())
     with torch.no_grad():
-        before = run(model)
         saved_modules = {bn_name: model.get_submodule(bn_name) for _, bn_name in pairs}
         saved_convs = {conv_name: (model.get_submodule(conv_name).weight, model.get_submodule(conv_name).bias)
                        for conv_name, _ in pairs}
@@ -101,9 +100,8 @@ def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], torch.Tensor | t
         if not same:
             for bn_name, module in saved_modules.items():
                 _replace(model, bn_name, module)
-            for conv_name, (weight, bias) in saved_convs.items():
+            for conv_name, (weight, bias) in saved_convs.items():   # _fold_pair made new Parameters
                 conv = model.get_submodule(conv_name)
                 conv.weight, conv.bias = weight, bias
-            model.load_state_dict(original)
             return 0
     return len(pairs)
