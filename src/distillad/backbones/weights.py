@@ -59,8 +59,7 @@ class BackboneSpec:
     native_std: tuple[float, float, float]
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be found, downloaded or verified; the message says what to do."""
+from distillad.errors import WeightsUnavailableError  # noqa: E402  (re-exported)
 
 
 class FeatureExtractor(nn.Module):

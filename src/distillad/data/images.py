@@ -45,8 +45,7 @@ SizeLike = Union[int, "tuple[int, int]", None]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class DataError(ValueError):
-    """Bad user data; the message always names the offending file/folder and the problem."""
+from distillad.errors import DataError  # noqa: E402  (re-exported: distillad.data.DataError)
 
 
 def is_image_file(path: Path) -> bool:

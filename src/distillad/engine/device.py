@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 
-class DeviceError(ValueError):
+from distillad.errors import ConfigError
+
+
+class DeviceError(ConfigError):
     """The requested device does not exist on this machine."""
 
 

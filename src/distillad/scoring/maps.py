@@ -102,3 +102,19 @@ class AnomalyScorer(nn.Module):
             per_student.append(fuse([upsample(m, size) for m in maps], self.level_fusion))
         anomaly_map = self.blur(fuse(per_student, self.student_fusion))
         return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
+
+
+def make_scorer(model: DistillationModel, *, channels_last: bool, image_size: int,
+                fold_batchnorm: bool = True) -> tuple[AnomalyScorer, int]:
+    """The one way an inference scorer is built (calibration, test, predict, speed, export).
+
+    Puts `model` in eval mode on its own device, wraps it, and folds BatchNorm into the convolutions (checked on
+    a probe image of `image_size`). Folding changes `model` in place, so save a trained model before calling this.
+    Returns the scorer and the number of conv -> BN pairs folded.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device = next(model.parameters()).device
+    model.to(memory_format=memory_format).eval()
+    scorer = AnomalyScorer(model, channels_last=channels_last).to(device).eval()
+    folded = scorer.fold_batchnorm(image_size) if fold_batchnorm else 0
+    return scorer, folded
