@@ -26,7 +26,7 @@ SUMMARY_OF = ("image_auroc", "pixel_auroc", "aupro")
 # title, reference variant, variants in order (the reference first)
 TABLES = (
     ("Methods at their defaults", "dskd", ("dskd", "stfpm", "rd", "aand")),
-    ("DSKD against its ablations (METHODS.md 2.7)", "dskd",
+    ("DSKD against its ablations (docs/methods.md#dskd-ablations)", "dskd",
      ("dskd", "dskd_se_only", "dskd_sd_only", "dskd_no_interaction", "dskd_one_level", "dskd_two_levels")),
     ("DSKD design choices: DF input, loss, teacher input normalisation", "dskd",
      ("dskd", "dskd_df_both", "dskd_global_cosine", "dskd_imagenet_norm")),

@@ -7,8 +7,9 @@ from PIL import Image
 
 from distillad.cli import main
 from distillad.data import DataError, make_synthetic_dataset
-from distillad.data import anomalies as A
 from distillad.data.anomalies import AnomalyGenerator, estimate_foreground, perlin_noise, save_anomaly_grid
+from distillad.data.anomalies import generator as G
+from distillad.data.anomalies import textures as T
 
 
 def disk_images(n=4, size=64, *, dark_object=False, seed=0):
@@ -113,7 +114,7 @@ def test_texture_folder_is_used(tmp_path, monkeypatch):
     (folder / "sub").mkdir(parents=True)
     colour = np.array([200, 30, 90], dtype=np.uint8)
     Image.fromarray(np.tile(colour, (20, 30, 1))).save(folder / "sub" / "solid.png")
-    monkeypatch.setattr(A, "augment_texture", lambda texture, rng, count=3: texture)
+    monkeypatch.setattr(G, "augment_texture", lambda texture, rng, count=3: texture)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = AnomalyGenerator(32, texture_dir=folder, probability=1.0, foreground="whole", seed=0).generate(images)
     tex = torch.tensor(colour / 255.0, dtype=torch.float32).view(1, 3, 1, 1)
@@ -152,13 +153,13 @@ def test_perlin_noise_range_and_mask_coverage():
 def test_procedural_textures_and_augmentations_stay_in_range():
     rng = np.random.default_rng(1)
     source = torch.rand(3, 40, 40)
-    textures = [A._noise_texture(rng, (40, 40), torch.device("cpu")) for _ in range(4)]
-    textures += [A._gradient_texture(rng, (40, 40), torch.device("cpu")) for _ in range(4)]
-    textures += [A._patch_texture(rng, source) for _ in range(4)]
+    textures = [T._noise_texture(rng, (40, 40), torch.device("cpu")) for _ in range(4)]
+    textures += [T._gradient_texture(rng, (40, 40), torch.device("cpu")) for _ in range(4)]
+    textures += [T._patch_texture(rng, source) for _ in range(4)]
     for texture in textures:
         assert texture.shape == (3, 40, 40) and texture.min() >= 0 and texture.max() <= 1
         for _ in range(3):
-            out = A.augment_texture(texture, rng)
+            out = T.augment_texture(texture, rng)
             assert out.shape == (3, 40, 40) and out.min() >= 0 and out.max() <= 1
 
 
@@ -181,3 +182,17 @@ def test_anomaly_grid_and_cli(tmp_path, capsys):
                  "--texture-dir", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err
+
+
+def test_anomaly_grid_from_a_plain_folder_and_bad_paths(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    images, _ = disk_images(n=3, size=24)
+    for i, image in enumerate(images):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    path = save_anomaly_grid(folder, tmp_path / "plain.png", n=5, image_size=24, foreground="whole", columns=3)
+    assert Image.open(path).size[0] > 3 * 3 * 24                         # all three images, one row
+    with pytest.raises(DataError, match="nowhere.*does not exist"):
+        save_anomaly_grid(tmp_path / "nowhere", tmp_path / "x.png")
+    with pytest.raises(DataError, match="0.png.*is not a folder"):
+        save_anomaly_grid(folder / "0.png", tmp_path / "x.png")

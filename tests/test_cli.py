@@ -41,7 +41,8 @@ def test_train_test_predict_through_the_cli(category, tmp_path, capsys):
                              "--no-progress", "--option", "sigma=0")
     assert code == 0, err
     unblurred = json.loads((tmp_path / "s.json").read_text())
-    assert unblurred["options"]["sigma"] == 0 and unblurred["threshold"] is None
+    assert unblurred["options"]["sigma"] == 0 and unblurred["threshold"] is not None   # refitted on validation
+    assert unblurred["threshold"]["value"] != result["threshold"]["value"]
     assert unblurred["pixel_auroc"] != result["pixel_auroc"]
     code, out, err = run_cli(capsys, "test", "--run", run, "--data", category, "--option", "levels=[3]")
     assert code == 2 and "new training run" in err and "Traceback" not in err
@@ -54,7 +55,7 @@ def test_train_test_predict_through_the_cli(category, tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--data", "{missing}", "--out", "{tmp}/r"], "does not exist"),
     (["train", "--data", "{category}", "--out", "{tmp}/r", "--image-size", "100"], "multiple of 32"),
-    (["train", "--data", "{category}", "--out", "{tmp}/r", "--option", "bogus=1"], "unknown option"),
+    (["train", "--data", "{category}", "--out", "{tmp}/r", "--option", "bogus=1"], "unknown setting(s) 'bogus'"),
     (["train", "--data", "{category}", "--out", "{tmp}/r", "--config", "{tmp}/none.yaml"], "none.yaml"),
     (["test", "--run", "{tmp}/norun", "--data", "{category}"], "norun"),
     (["predict", "--run", "{tmp}/norun", "{category}", "--out", "{tmp}/p"], "norun"),

@@ -20,6 +20,7 @@ from distillad.data import (
     discover_folder,
     discover_mvtec,
     list_images,
+    load_category,
     load_image,
     load_mask,
     make_synthetic_dataset,
@@ -221,7 +222,8 @@ def test_discover_mvtec_counts_labels_masks(tmp_path: Path) -> None:
             assert s.mask_path is None
     assert all(s.label == 0 and s.defect_type == "good" and s.mask_path is None for s in split.train + split.val)
     assert split.defect_types == ["crack", "hole"]
-    assert discover(root).test == split.test
+    assert load_category(root).test == split.test
+    assert discover is load_category  # the earlier name still works
 
 
 def test_val_split_seeded_deterministic_disjoint(tmp_path: Path) -> None:
@@ -266,7 +268,7 @@ def test_mvtec3d_rgb_layout(tmp_path: Path) -> None:
     _rgb(root / "test" / "good" / "rgb" / "000.png")
     _rgb(root / "test" / "crack" / "rgb" / "000.png")
     _mask(root / "test" / "crack" / "gt" / "000.png")
-    split = discover(root)
+    split = load_category(root)
     assert len(split.train) == 4 and len(split.val) == 1
     assert all(s.path.parent.name == "rgb" for s in split.train + split.test)
     crack = [s for s in split.test if s.label == 1]
@@ -279,7 +281,10 @@ def test_missing_mask_error_and_warning(tmp_path: Path) -> None:
     img = root / "test" / "hole" / "001.png"
     with pytest.raises(DataError) as ei:
         discover_mvtec(root)
-    assert str(img) in str(ei.value) and "001_mask.png" in str(ei.value)
+    msg = str(ei.value)
+    assert str(img) in msg and "001_mask.png" in msg
+    # what to do, from the command line (no flag there) and from Python
+    assert "ground_truth/<defect type>/<stem>_mask.png" in msg and "remove" in msg and "require_masks=False" in msg
     with pytest.warns(UserWarning, match="001.png"):
         split = discover_mvtec(root, require_masks=False)
     s = next(s for s in split.test if s.path == img)
@@ -294,7 +299,7 @@ def test_bad_layouts_raise_dataerror_naming_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope"):
         discover_mvtec(missing)
     with pytest.raises(DataError, match="nope"):
-        discover(missing)
+        load_category(missing)
 
     no_train = tmp_path / "no_train"
     _rgb(no_train / "test" / "good" / "a.png")
@@ -302,8 +307,8 @@ def test_bad_layouts_raise_dataerror_naming_folder(tmp_path: Path) -> None:
         discover_mvtec(no_train)
     assert str(no_train) in str(ei.value)
     with pytest.raises(DataError, match="MVTec") as ei:
-        discover(no_train)
-    assert "discover_folder" in str(ei.value)  # both accepted layouts are explained
+        load_category(no_train)
+    assert "plain folder" in str(ei.value) and str(no_train) in str(ei.value)  # both accepted layouts are explained
 
     empty = tmp_path / "empty"
     (empty / "train" / "good").mkdir(parents=True)
@@ -315,7 +320,51 @@ def test_bad_layouts_raise_dataerror_naming_folder(tmp_path: Path) -> None:
     parent = tmp_path / "dataset"
     _mvtec_tree(parent / "bottle", n_train=2)
     with pytest.raises(DataError, match="bottle"):  # a dataset root: tell the user to pick a category
-        discover(parent)
+        load_category(parent)
+
+
+def test_load_category_mvtec_layout(tmp_path: Path) -> None:
+    root = _mvtec_tree(tmp_path / "widget", n_train=8)
+    split = load_category(root, val_fraction=0.25, seed=2)
+    assert split == discover_mvtec(root, val_fraction=0.25, seed=2)
+    assert split.name == "widget" and len(split.train) == 6 and len(split.val) == 2 and len(split.test) == 7
+    (root / "ground_truth" / "crack" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match="000_mask.png"):
+        load_category(root)
+    with pytest.warns(UserWarning, match="000.png"):
+        assert len(load_category(root, require_masks=False).test) == 7
+    # validation/ alone also means the MVTec layout: the missing train/good is then the error
+    only_val = tmp_path / "only_val"
+    _rgb(only_val / "validation" / "good" / "v.png")
+    with pytest.raises(DataError, match="train/good"):
+        load_category(only_val)
+
+
+def test_load_category_plain_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "parts" / "good"
+    for i in range(5):
+        _rgb(folder / f"{i}.png", value=(i, 0, 0))
+    _rgb(folder / "nested" / "deeper.png")  # plain folders are flat: sub-folders are not read
+    split = load_category(folder, val_fraction=0.4, seed=1)
+    assert split == discover_folder(folder, val_fraction=0.4, seed=1)
+    assert split.name == "parts" and split.test == []
+    assert len(split.train) == 3 and len(split.val) == 2
+    assert sorted(s.path.name for s in split.train + split.val) == [f"{i}.png" for i in range(5)]
+    assert all(s.label == 0 and s.mask_path is None for s in split.train + split.val)
+
+
+def test_load_category_missing_path_or_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist") as ei:
+        load_category(tmp_path / "ghost")
+    assert str(tmp_path / "ghost") in str(ei.value)
+    image = _rgb(tmp_path / "one.png")
+    with pytest.raises(DataError, match="is not a folder") as ei:
+        load_category(image)
+    assert str(image) in str(ei.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images") as ei:
+        load_category(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(ei.value)
 
 
 def test_non_image_files_warned_once(tmp_path: Path) -> None:

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from distillad.data import discover_mvtec, make_synthetic_dataset
-from distillad.engine import RunError, evaluate_split, load_run, predict_paths, resolve_config, train_run
-from distillad.engine.checkpoint import META_FILE, MODEL_FILE, atomic_write_json
-from distillad.engine.config import METHOD_DEFAULTS, config_from_dict
+from distillad.engine import evaluate_split, load_run, predict_paths, resolve_config, train_run
+from distillad.engine.checkpoint import META_FILE, MODEL_FILE
+from distillad.engine.config import config_from_dict
+from distillad.errors import RunError
+from distillad.io import atomic_write_json
+from distillad.methods import STFPM
 
 
 def test_config_precedence_defaults_file_flags():
@@ -18,7 +21,7 @@ def test_config_precedence_defaults_file_flags():
     assert config.epochs == 3                       # flag beats file
     assert config.optimizer.lr == 0.1               # file beats recipe
     assert config.optimizer.name == "sgd"           # recipe default kept
-    assert config.batch_size == METHOD_DEFAULTS["stfpm"]["batch_size"]
+    assert config.batch_size == STFPM.recipe["batch_size"] == 32
     assert config.options == {"sigma": 2}
     assert config_from_dict(config.to_dict()) == config
 
@@ -32,8 +35,11 @@ def test_default_length_is_a_step_budget_not_an_epoch_count():
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"epoch": 3}, "unknown setting 'epoch'"),
-    ({"optimizer": {"lr_rate": 1}}, "unknown optimizer setting"),
+    ({"epoch": 3}, "unknown setting.*'epoch'"),
+    ({"optimizer": {"lr_rate": 1}}, "optimizer: unknown setting.*'lr_rate'"),
+    ({"epochs": "ten"}, "epochs must be an integer"),
+    ({"options": {"sigma": "wide"}}, "sigma must be a number"),
+    ({"options": {"levels": "2,3"}}, "levels must be a list"),
     ({"image_size": 100}, "multiple of 32"),
     ({"backbone": "vgg16"}, "unknown backbone"),
     ({"options": {"students": "three"}}, "students"),
@@ -87,15 +93,15 @@ def test_run_folder_round_trip(tiny_run):
     assert run.calibration == result.calibration
 
 
-def test_map_options_change_at_test_time_and_drop_the_calibration(tiny_run):
-    run_dir, result, _ = tiny_run
+def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
+    run_dir, result, data = tiny_run
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         saved = load_run(run_dir)
         same = load_run(run_dir, map_options={"student_fusion": "mean", "sigma": 4.0})
         assert same.calibration == saved.calibration                  # nothing changed: the threshold still holds
         maximum = load_run(run_dir, map_options={"student_fusion": "max", "sigma": 0})
-        assert maximum.calibration is None and maximum.config.options["student_fusion"] == "max"
+        assert maximum.config.options["student_fusion"] == "max"
         # by hand: the unblurred per-student maps, their pixel-wise maximum
         from distillad.scoring.maps import fuse, level_maps, upsample
 
@@ -104,10 +110,60 @@ def test_map_options_change_at_test_time_and_drop_the_calibration(tiny_run):
         assert len(per_student) == 2
         expected = torch.maximum(per_student[0], per_student[1])
         assert torch.allclose(maximum.scorer(images)[0], expected, atol=1e-6)
+        # the new map rule gets its own threshold, fitted on the run's validation images (never on test images)
+        from distillad.data import ImageDataset
+        from distillad.engine.inference import score_dataset
+        from distillad.scoring import calibrate
+
+        _, val_scores = score_dataset(maximum.scorer, ImageDataset(data.val, 64), keep_maps=False)
+        assert maximum.calibration == calibrate(val_scores, k=saved.config.threshold_k)
+        assert maximum.calibration != saved.calibration
+    # without the validation images there is nothing to fit a threshold on
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    meta = json.loads((run_dir / META_FILE).read_text())
+    meta["data"]["val_files"] = [str(tmp_path / "gone.png")]
+    (moved / META_FILE).write_text(json.dumps(meta))
+    (moved / MODEL_FILE).write_bytes((run_dir / MODEL_FILE).read_bytes())
+    assert load_run(moved, map_options={"sigma": 0}).calibration is None
+    with pytest.raises(RunError, match="needs the run's defect-free validation images"):
+        load_run(moved, map_options={"map_norm": "quantile"})
     with pytest.raises(ValueError, match="new training run"):
         load_run(run_dir, map_options={"levels": [3]})
     with pytest.raises(ValueError, match="student_fusion"):
         load_run(run_dir, map_options={"student_fusion": "median"})
+
+
+def test_quantile_map_normalisation_by_hand(tiny_run):
+    """map_norm=quantile: each student's and level's map minus its validation 0.9 quantile, over the spread to
+    its 0.995 quantile, then fused; score_topk averages the top share of the map instead of taking its max."""
+    import numpy as np
+
+    from distillad.data import ImageDataset
+    from distillad.scoring.maps import fuse
+
+    run_dir, _, data = tiny_run
+    run = load_run(run_dir, map_options={"map_norm": "quantile", "sigma": 0, "score_topk": 0.01})
+    val = torch.stack([ImageDataset(data.val, 64)[i]["image"] for i in range(len(data.val))])
+    with torch.no_grad():
+        raw_val = run.scorer.raw_maps(val)
+        images = torch.rand(2, 3, 64, 64)
+        raw = run.scorer.raw_maps(images)
+        maps, scores = run.scorer(images)
+    per_student = []
+    for s, levels in enumerate(raw):
+        normalised = []
+        for l, m in enumerate(levels):
+            values = raw_val[s][l].flatten().double().numpy()
+            low, high = np.quantile(values, 0.9), np.quantile(values, 0.995)
+            normalised.append((m - low) / (high - low))
+        per_student.append(fuse(normalised, "sum"))
+    expected = fuse(per_student, "mean")
+    assert torch.allclose(maps, expected.float(), atol=1e-4)
+    k = round(0.01 * 64 * 64)
+    assert torch.allclose(scores, expected.flatten(1).float().topk(k, dim=1).values.mean(1), atol=1e-4)
+    meta = json.loads((run_dir / META_FILE).read_text())
+    assert meta["map_statistics"] is None and len(meta["calibration_scores"]) == len(data.val)
 
 
 def test_existing_run_is_never_overwritten(tiny_run, tiny_category):
@@ -128,9 +184,19 @@ def test_corrupt_or_incomplete_runs_fail_clearly(tmp_path, tiny_run):
     run_dir, _, _ = tiny_run
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / META_FILE).write_text((run_dir / META_FILE).read_text())
+    meta = json.loads((run_dir / META_FILE).read_text())
+    (broken / META_FILE).write_text(json.dumps(meta))
     (broken / MODEL_FILE).write_bytes(b"not a checkpoint")
+    # meta.json records model.pt's hash: another model.pt (a crash between the two writes of --overwrite, a
+    # copied file) is refused instead of being paired silently with the wrong calibration
+    with pytest.raises(RunError, match="sha256 differs"):
+        load_run(broken)
+    del meta["model_sha256"]
+    (broken / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(RunError, match="model.pt is not a readable checkpoint"):
+        load_run(broken)
+    (broken / META_FILE).write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a JSON object"):
         load_run(broken)
 
 
@@ -163,6 +229,7 @@ def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_categor
     from distillad.methods.base import TrainingStage
 
     calls = {"first": 0, "second": 0}
+    started_from: dict[str, torch.Tensor] = {}
     fail = {"second": True}
 
     def stages(self):
@@ -174,6 +241,9 @@ def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_categor
             calls["second"] += 1
             if fail["second"]:
                 raise KeyboardInterrupt
+            if not started_from:   # the weights stage 2 begins with
+                started_from.update({k: v.detach().clone() for k, v in self.state_dict().items()
+                                     if not k.startswith("teacher.")})
             return self.training_loss(images, teacher)
 
         return [TrainingStage("first", self.trainable_parameters, first),
@@ -196,5 +266,7 @@ def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_categor
     assert not (run_dir / "stages").exists() and (run_dir / META_FILE).is_file()
     meta = json.loads((run_dir / META_FILE).read_text())
     assert [s["name"] for s in meta["training"]["stages"]] == ["first", "second"]
-    # stage 2 started from stage 1's weights, not from a fresh model
-    assert result.model.state_dict()["teacher._conv_stem.weight"].equal(saved["teacher._conv_stem.weight"])
+    # stage 2 started from stage 1's trained students, not from a fresh model (the frozen teacher proves nothing)
+    assert started_from and all(started_from[k].equal(saved[k]) for k in started_from)
+    fresh = DSKD("efficientnet_lite0", DSKD.options_class(), pretrained=False).state_dict()
+    assert any(not fresh[k].equal(saved[k]) for k in started_from if fresh[k].is_floating_point())

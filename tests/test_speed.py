@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+from distillad.benchmark import (SPEED_KEYS, SpeedError, build_scorer, count_gflops, measure_speed, peak_rss_mb,
+                                 speed_report)
 from distillad.cli import main
 from distillad.data import discover_mvtec, make_synthetic_dataset
 from distillad.engine import resolve_config, train_run
-from distillad.engine.speed import SPEED_KEYS, build_scorer, count_gflops, measure_speed, peak_rss_mb, speed_report
+from distillad.errors import ConfigError, DistilladError
 from distillad.methods import build_model
 from distillad.scoring import AnomalyScorer
 
@@ -43,10 +45,16 @@ def test_gflops_scale_with_pixels(rd_scorer):
 
 
 def test_bad_measurement_settings_are_refused(rd_scorer):
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ConfigError, match="multiple of 32"):
         measure_speed(rd_scorer, image_size=100, threads=1, warmup=0, repeats=1)
-    with pytest.raises(ValueError, match="repeats"):
+    with pytest.raises(ConfigError, match="repeats"):
         measure_speed(rd_scorer, image_size=64, threads=1, warmup=0, repeats=0)
+    assert issubclass(SpeedError, DistilladError) and SpeedError.kind == "run"   # the CLI reports it, exit 2
+
+
+def test_a_user_error_in_the_measurement_process_comes_back_as_its_kind():
+    with pytest.raises(ConfigError, match="threads"):      # passes the caller's checks, refused in the child
+        speed_report(method="rd", image_size=64, threads=0, warmup=0, repeats=1)
 
 
 def test_peak_rss_uses_the_address_space_high_water_mark():
@@ -119,7 +127,7 @@ def test_cli_speed_runs_in_a_fresh_process_and_writes_the_keys(tmp_path, capsys)
     (["speed", "--run", "{tmp}/norun"], "norun"),
     (["speed", "--run", "{tmp}/norun", "--backbone", "resnet18"], "--method"),
     (["speed", "--method", "dskd", "--image-size", "100"], "multiple of 32"),
-    (["speed", "--method", "dskd", "--option", "bogus=1"], "unknown option"),
+    (["speed", "--method", "dskd", "--option", "bogus=1"], "'bogus'"),
 ])
 def test_cli_speed_errors_are_one_clear_line(tmp_path, capsys, argv, needle):
     code = main([a.format(tmp=tmp_path) for a in argv])

@@ -1,7 +1,9 @@
 """Command line: `distillad train | test | predict | demo | speed | benchmark | anomalies`.
 
-Every user-facing failure (bad data, missing weights, unfinished run, bad option) ends in one line naming the file
-and the problem, exit code 2; set DISTILLAD_DEBUG=1 to see the traceback instead.
+Each command is a thin layer over the Python API (`distillad.train`, `distillad.load`, `Run.evaluate`, ...).
+Every user-facing failure (a DistilladError: bad data, missing weights, unfinished run, bad setting; or an OS error
+on a path the user gave) ends in one line naming the file and the problem, exit code 2. Anything else is a bug and
+keeps its traceback; DISTILLAD_DEBUG=1 shows the traceback for user errors too.
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from distillad.errors import ConfigError, DistilladError
+
 EXIT_USER_ERROR = 2
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
     """KEY=VALUE with the value parsed as YAML, so numbers, booleans and lists work: levels=[2,3]."""
     import yaml
 
-    if "=" not in text:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"--option {text!r}: the value is not valid YAML "
+                                         "(quote strings, write lists as [2,3])") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
-                      help="evaluate with another map option (level_fusion, student_fusion, sigma) without "
-                           "retraining; the saved threshold then no longer applies and is not reported")
+                      help="evaluate with another map option (level_fusion, student_fusion, sigma, map_norm, score_topk) without "
+                           "retraining; the threshold is then fitted again on the run's defect-free validation "
+                           "images")
     common(test)
 
     predict = commands.add_parser("predict", help="score images with a trained run",
@@ -170,63 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_category(path: Path, *, val_fraction: float, seed: int):
-    """MVTec layout when the folder has train/ (or validation/), else a plain folder of defect-free images."""
-    from distillad.data import DataError, discover_folder, discover_mvtec
-
-    if not path.exists():
-        raise DataError(f"data folder {path} does not exist")
-    if (path / "train").is_dir():
-        return discover_mvtec(path, val_fraction=val_fraction, seed=seed)
-    if path.is_dir():
-        return discover_folder(path, val_fraction=val_fraction, seed=seed)
-    raise DataError(f"--data {path} is not a folder")
-
-
-def print_metrics(result: dict[str, Any]) -> None:
-    width = max(len(k) for k in METRIC_KEYS)
-    print(f"{result['category']}: {result['n_images']} test images ({result['n_defective']} defective), "
-          f"{result['seconds']:.1f} s")
-    for key in METRIC_KEYS:
-        print(f"  {key:<{width}}  {result[key]:.4f}")
-    threshold = result.get("threshold")
-    if threshold:
-        far, det = threshold["false_alarm_rate"], threshold["detection_rate"]
-        print(f"  calibrated threshold {threshold['value']:.4g}: false alarms "
-              f"{'n/a' if far is None else f'{far:.1%}'}, detections {'n/a' if det is None else f'{det:.1%}'}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from distillad.engine import load_yaml, resolve_config, train_run
+    import distillad
 
-    file_values = load_yaml(args.config) if args.config else {}
-    overrides: dict[str, Any] = {
-        "method": args.method, "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs,
-        "steps": args.steps,
+    settings: dict[str, Any] = {
+        "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs, "steps": args.steps,
         "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
         "val_fraction": args.val_fraction,
     }
     if args.lr is not None:
-        overrides["optimizer"] = {"lr": args.lr}
-    if args.option:
-        overrides["options"] = dict(args.option)
-    config = resolve_config(file_values=file_values, overrides=overrides)
-    data = load_category(args.data, val_fraction=config.val_fraction, seed=config.seed)
-    train_run(config, data, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+        settings["optimizer"] = {"lr": args.lr}
+    distillad.train(args.data, out=args.out, method=args.method, config=args.config, options=dict(args.option),
+                    overwrite=args.overwrite, progress=not args.no_progress, **settings)
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from distillad.engine import evaluate_split, load_run
-    from distillad.engine.checkpoint import atomic_write_json
+    import distillad
+    from distillad.engine.inference import format_metrics
+    from distillad.io import atomic_write_json
 
-    run = load_run(args.run, args.device or "cpu", map_options=dict(args.option))
-    data = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
-    result = evaluate_split(run.scorer, data, run.config.image_size, batch_size=args.batch_size,
-                            device=args.device or "cpu", calibration=run.calibration, progress=not args.no_progress)
-    result.update({"method": run.config.method, "backbone": run.config.backbone, "run": str(args.run),
-                   "options": run.config.options})
-    print_metrics(result)
+    run = distillad.load(args.run, device=args.device or "cpu", map_options=dict(args.option))
+    result = run.evaluate(args.data, batch_size=args.batch_size, progress=not args.no_progress)
+    print(format_metrics(result))
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -234,12 +208,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from distillad.engine import load_run, predict_paths
+    import distillad
 
-    run = load_run(args.run, args.device or "cpu")
-    predictions = predict_paths(run, args.inputs, args.out, batch_size=args.batch_size, device=args.device or "cpu",
-                                overwrite=args.overwrite, save_images=not args.no_images,
-                                progress=not args.no_progress)
+    run = distillad.load(args.run, device=args.device or "cpu")
+    predictions = run.predict_to_folder(args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
+                                        save_images=not args.no_images, progress=not args.no_progress)
     defective = sum(p.label == "defective" for p in predictions)
     print(f"{len(predictions)} images scored, {defective} called defective; wrote {args.out / 'predictions.csv'}"
           + ("" if args.no_images else f", {args.out / 'heatmaps'}, {args.out / 'masks'}"))
@@ -247,7 +220,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distillad.engine.demo import run_demo
+    from distillad.demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, device=args.device or "cpu", overwrite=args.overwrite,
              progress=not args.no_progress)
@@ -255,13 +228,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    from distillad.engine.checkpoint import atomic_write_json
-    from distillad.engine.speed import format_report, speed_report
+    from distillad.io import atomic_write_json
+    from distillad.benchmark import format_report, speed_report
 
     if args.run is not None and (args.backbone or args.weights or args.option):
-        raise ValueError("--backbone, --weights and --option describe a fresh model: use them with --method, not --run")
+        raise ConfigError("--backbone, --weights and --option describe a fresh model: use them with --method, not --run")
     if args.warmup < 0 or args.repeats < 1:
-        raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+        raise ConfigError("--warmup must be >= 0 and --repeats >= 1")
     result = speed_report(run=args.run, method=args.method, backbone=args.backbone, options=dict(args.option),
                           weights=args.weights, image_size=args.image_size, threads=args.threads,
                           warmup=args.warmup, repeats=args.repeats, device=args.device or "cpu",
@@ -274,7 +247,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from distillad.engine.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark, write_results
+    from distillad.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark, write_results
 
     flags: dict[str, Any] = {"out": args.out, "methods": args.methods, "categories": args.categories,
                              "seeds": args.seeds, "variants": args.variants, "speed": False if args.no_speed else None}
@@ -298,7 +271,7 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
     from distillad.data.anomalies import save_anomaly_grid
 
     if args.n < 1 or args.image_size < 8:
-        raise ValueError("--n must be >= 1 and --image-size >= 8")
+        raise ConfigError("--n must be >= 1 and --image-size >= 8")
     foreground = "mask" if args.foreground_mask is not None and args.foreground == "auto" else args.foreground
     out = save_anomaly_grid(args.data, args.out, n=args.n, seed=args.seed, image_size=args.image_size,
                             texture_dir=args.texture_dir, foreground=foreground,
@@ -314,19 +287,15 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import torch
-
-    from distillad.backbones import WeightsUnavailableError
-    from distillad.data import DataError
-    from distillad.engine import RunError
-
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, RunError, WeightsUnavailableError, ValueError, FileNotFoundError) as error:
+    except (DistilladError, OSError) as error:
         if os.environ.get("DISTILLAD_DEBUG"):
             raise
         print(f"distillad {args.command}: error: {error}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Exact evaluation metrics for anomaly detection (METHODS.md section 5).
+"""Exact evaluation metrics for anomaly detection (docs/evaluation.md#metrics).
 
 All metrics are computed exactly: no threshold binning and no sampling. Every
 distinct score value is a threshold, and tied scores are handled as one
@@ -38,6 +38,8 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "aupro",
+    "roc_curve",
+    "pro_curve",
     "f1_max",
     "pixel_f1_max",
     "evaluate_all",
@@ -52,6 +54,10 @@ _STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 # --------------------------------------------------------------------------- #
 # input handling
 # --------------------------------------------------------------------------- #
+# The five numbers of an evaluation, in the order every table prints them.
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
+
+
 def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
     """Convert an input to numpy without losing precision or ties."""
     if isinstance(x, torch.Tensor):
@@ -239,12 +245,9 @@ def _pixel_curves(
     return tps, fps, pro, n_comps
 
 
-def _aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Integrate PRO over FPR in [0, fpr_limit] (trapezoid), normalised by fpr_limit.
-
-    The curve starts at (0, 0); if no point lies exactly at ``fpr_limit`` the
-    PRO there is linearly interpolated between its neighbours.
-    """
+def _cut_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve from (0, 0) up to FPR = ``fpr_limit``; if no point lies exactly at ``fpr_limit`` the
+    PRO there is linearly interpolated between its neighbours."""
     x = np.concatenate(([0.0], fpr))
     y = np.concatenate(([0.0], pro))
     k = int(np.searchsorted(x, fpr_limit, side="right"))  # x[:k] <= fpr_limit
@@ -254,19 +257,30 @@ def _aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> flo
         y_lim = y0 + (fpr_limit - x0) * (y1 - y0) / (x1 - x0)
         xs = np.append(xs, fpr_limit)
         ys = np.append(ys, y_lim)
+    return xs, ys
+
+
+def _aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Integrate PRO over FPR in [0, fpr_limit] (trapezoid, curve cut by `_cut_curve`), normalised by fpr_limit."""
+    xs, ys = _cut_curve(fpr, pro, fpr_limit)
     area = float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1])) * 0.5)
     return area / fpr_limit
 
 
-def _aupro_checked(
-    fps: np.ndarray, pro: np.ndarray | None, n_comps: int, fpr_limit: float
-) -> float:
+def _pro_points(fps: np.ndarray, pro: np.ndarray | None, n_comps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every distinct threshold, checked to be defined."""
     if n_comps == 0 or pro is None:
         raise ValueError("AUPRO is undefined: the masks contain no ground-truth anomaly (no connected component)")
     n_normal = int(fps[-1])
     if n_normal == 0:
         raise ValueError("AUPRO is undefined: the masks contain no defect-free (normal) pixel")
-    return _aupro_from_curve(fps / n_normal, pro, fpr_limit)
+    return fps / n_normal, pro
+
+
+def _aupro_checked(
+    fps: np.ndarray, pro: np.ndarray | None, n_comps: int, fpr_limit: float
+) -> float:
+    return _aupro_from_curve(*_pro_points(fps, pro, n_comps), fpr_limit)
 
 
 def _check_fpr_limit(fpr_limit: float) -> float:
@@ -318,6 +332,32 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
     return _aupro_checked(fps, pro, n_comps, fpr_limit)
 
 
+def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC curve behind :func:`image_auroc` / :func:`pixel_auroc`: (FPR, TPR) float64 arrays from
+    (0, 0) to (1, 1), one point per distinct score (descending threshold). Inputs are flattened, so pixel maps
+    and masks work too; the trapezoid area under the curve is the AUROC. Raises ``ValueError`` like the AUROC."""
+    s = _as_scores(scores, "scores")
+    y = _as_binary_labels(labels, "labels")
+    _check_same_shape(s, y, "scores", "labels")
+    tps, fps = _binary_counts(s, y)
+    if tps[-1] == 0 or fps[-1] == 0:
+        raise ValueError("the ROC curve is undefined: only one class is present; both normal and anomalous "
+                         "samples are needed")
+    return (np.concatenate(([0.0], fps / fps[-1])), np.concatenate(([0.0], tps / tps[-1])))
+
+
+def pro_curve(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """The exact per-region-overlap curve behind :func:`aupro`: (FPR, PRO) float64 arrays from (0, 0) to
+    FPR = ``fpr_limit`` (the last point interpolated as in :func:`aupro`), one point per distinct map value.
+
+    ``np.trapezoid(pro, fpr) / fpr_limit`` is :func:`aupro`. Raises ``ValueError`` like :func:`aupro`.
+    """
+    fpr_limit = _check_fpr_limit(fpr_limit)
+    m, g = _maps_masks(maps, masks)
+    _, fps, pro, n_comps = _pixel_curves(m, g, with_pro=True)
+    return _cut_curve(*_pro_points(fps, pro, n_comps), fpr_limit)
+
+
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
     """Best F1 over all thresholds (inputs are flattened; labels binary 0/1).
 
@@ -338,6 +378,18 @@ def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> float:
     return _f1max_from_counts(tps, fps, "pixel")
 
 
+def pixel_metrics(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> dict[str, float]:
+    """``pixel_auroc``, ``aupro`` (at ``fpr_limit``) and ``pixel_f1max`` from one sort of the pixels."""
+    fpr_limit = _check_fpr_limit(fpr_limit)
+    m, g = _maps_masks(maps, masks)
+    tps, fps, pro, n_comps = _pixel_curves(m, g, with_pro=True)
+    return {
+        "pixel_auroc": _auroc_from_counts(tps, fps, "pixel"),
+        "aupro": _aupro_checked(fps, pro, n_comps, fpr_limit),
+        "pixel_f1max": _f1max_from_counts(tps, fps, "pixel"),
+    }
+
+
 def evaluate_all(
     scores: ArrayLike, labels: ArrayLike, maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3
 ) -> dict[str, float]:
@@ -346,20 +398,15 @@ def evaluate_all(
     Returns ``image_auroc``, ``pixel_auroc``, ``aupro`` (at ``fpr_limit``),
     ``image_f1max`` and ``pixel_f1max``.
     """
-    fpr_limit = _check_fpr_limit(fpr_limit)
     s = _as_scores(scores, "scores")
     y = _as_binary_labels(labels, "labels")
     _check_same_shape(s, y, "scores", "labels")
-    m, g = _maps_masks(maps, masks)
-    if s.size != m.shape[0]:
-        raise ValueError(f"scores has {s.size} entries but maps has {m.shape[0]} images")
-
+    n_maps = _as_nhw(_to_numpy(maps, "maps"), "maps").shape[0]
+    if s.size != n_maps:
+        raise ValueError(f"scores has {s.size} entries but maps has {n_maps} images")
     itps, ifps = _binary_counts(s, y)
-    ptps, pfps, pro, n_comps = _pixel_curves(m, g, with_pro=True)
     return {
         "image_auroc": _auroc_from_counts(itps, ifps, "image"),
-        "pixel_auroc": _auroc_from_counts(ptps, pfps, "pixel"),
-        "aupro": _aupro_checked(pfps, pro, n_comps, fpr_limit),
         "image_f1max": _f1max_from_counts(itps, ifps, "image"),
-        "pixel_f1max": _f1max_from_counts(ptps, pfps, "pixel"),
+        **pixel_metrics(maps, masks, fpr_limit),
     }

@@ -1,7 +1,7 @@
 """Reading images and ground-truth masks from disk into tensors.
 
 One reader for every method and for evaluation, so that every model sees exactly the same pixels
-(METHODS.md section 5: bilinear + antialias for images, nearest neighbour for masks, masks binarised at > 0,
+(docs/evaluation.md#preprocessing: bilinear + antialias for images, nearest neighbour for masks, masks binarised at > 0,
 grey images repeated to 3 channels).
 
 Decisions worth knowing:
@@ -175,24 +175,49 @@ def _decode_pixels(im: Image.Image, path: Path) -> np.ndarray:
         raise DataError(f"image file {path} has unsupported pixel mode {mode!r}: {e}") from None
 
 
-def read_image_array(path: PathLike, size: SizeLike) -> np.ndarray:
-    """(H, W, 3) array: uint8 for 8-bit sources, float32 in [0, 1] otherwise.
+def decode_image(source: PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """A file, a PIL image or an array -> (H, W, 1 or 3) array at full resolution: uint8 for 8-bit sources,
+    float32 in [0, 1] otherwise. Arrays are (H, W), (H, W, 1) or (H, W, 3), uint8 or float in [0, 1]."""
+    if isinstance(source, Image.Image):
+        arr = _decode_pixels(source, Path(getattr(source, "filename", "") or "<PIL image>"))
+    elif isinstance(source, np.ndarray):
+        arr = source[..., None] if source.ndim == 2 else source
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+            raise DataError(f"an image array must be (H, W), (H, W, 1) or (H, W, 3); got shape {source.shape}")
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind not in "fiu":
+                raise DataError(f"an image array must be uint8 or float in [0, 1]; got dtype {arr.dtype}")
+            arr = np.clip(np.nan_to_num(arr.astype(np.float32), nan=0.0), 0.0, 1.0)
+    else:
+        p = Path(source)
+        with _open(p, "image") as im:
+            arr = _decode_pixels(im, p)
+        if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise DataError(f"image file {p} has no pixels (shape {arr.shape})")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"an image has no pixels (shape {arr.shape})")
+    return arr
 
-    Kept separate from load_image so that a cache can store 8-bit images as uint8 without losing the extra
-    precision of 16-bit ones.
-    """
+
+def resize_image_array(arr: np.ndarray, size: SizeLike) -> np.ndarray:
+    """A decoded (H, W, 1 or 3) array -> (h, w, 3) at `size` (None keeps it): the one resize every path uses."""
     hw = _target_hw(size)
-    p = Path(path)
-    with _open(p, "image") as im:
-        arr = _decode_pixels(im, p)
-    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"image file {p} has no pixels (shape {arr.shape})")
     arr = _resize_u8(arr, hw) if arr.dtype == np.uint8 else _resize_f32(arr, hw)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr)
+
+
+def read_image_array(path: PathLike, size: SizeLike) -> np.ndarray:
+    """(H, W, 3) array: uint8 for 8-bit sources, float32 in [0, 1] otherwise.
+
+    Kept separate from load_image so that a cache can store 8-bit images as uint8 without losing the extra
+    precision of 16-bit ones.
+    """
+    _target_hw(size)   # reject a bad size before decoding
+    return resize_image_array(decode_image(path), size)
 
 
 def array_to_tensor(arr: np.ndarray) -> torch.Tensor:

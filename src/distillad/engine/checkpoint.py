@@ -6,10 +6,9 @@ Every file is written to a temporary name and renamed, so an interrupted run nev
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,51 +19,16 @@ import torch
 import distillad
 from distillad.engine.config import TrainConfig, config_from_dict
 from distillad.engine.device import resolve_device
+from distillad.engine.calibrate import apply_map_statistics, fit_normal_statistics
+from distillad.errors import ConfigError, DistilladError, RunError
+from distillad.io import atomic_torch_save, atomic_write_json
 from distillad.methods import DistillationModel, build_model, method_class
 from distillad.methods.base import MAP_OPTIONS
-from distillad.scoring import AnomalyScorer, Calibration
+from distillad.scoring import AnomalyScorer, Calibration, make_scorer
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-
-
-class RunError(RuntimeError):
-    """A run folder that is missing, incomplete or unreadable; the message names the file."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, values: Any) -> None:
-    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(path: Path, state: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def environment_versions() -> dict[str, str]:
@@ -72,14 +36,33 @@ def environment_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_run(run_dir: Path, model: DistillationModel, config: TrainConfig, calibration: Calibration | None,
              extra: dict[str, Any] | None = None) -> None:
-    """Write model.pt first, then meta.json: a folder with meta.json is always complete."""
+    """Write model.pt first, then meta.json with model.pt's sha256: meta.json vouches for the model beside it."""
+    save_model(run_dir, model)
+    write_meta(run_dir, model, config, calibration, extra)
+
+
+def save_model(run_dir: Path, model: DistillationModel) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save(run_dir / MODEL_FILE, state)
+
+
+def write_meta(run_dir: Path, model: DistillationModel, config: TrainConfig, calibration: Calibration | None,
+               extra: dict[str, Any] | None = None) -> None:
+    """meta.json for the model.pt already in run_dir (its hash is recorded, so a mismatched pair never loads)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "method": config.method,
+        "model_sha256": file_sha256(run_dir / MODEL_FILE),
         "teacher": {"backbone": config.backbone, "weights": config.weights, "channels": model.teacher.channels,
                     "input_mean": model.input_mean.flatten().tolist(), "input_std": model.input_std.flatten().tolist()},
         "config": config.to_dict(),
@@ -105,12 +88,12 @@ def _apply_map_options(config: TrainConfig, map_options: dict[str, Any]) -> bool
     """Put test-time map options into `config` (validated); True when any differs from the saved value."""
     not_map = sorted(set(map_options) - set(MAP_OPTIONS))
     if not_map:
-        raise ValueError(f"only the map options {', '.join(MAP_OPTIONS)} can change after training; "
+        raise ConfigError(f"only the map options {', '.join(MAP_OPTIONS)} can change after training; "
                          f"{', '.join(not_map)} would need a new training run")
     options_class = method_class(config.method).options_class
     saved = options_class.from_dict(config.options).to_dict()
     merged = {**saved, **map_options}
-    options_class.from_dict(merged)   # raises ValueError on a bad value
+    options_class.from_dict(merged, source="map option")   # raises ConfigError on a bad value
     config.options = {**config.options, **map_options}
     return any(merged[key] != saved[key] for key in map_options)
 
@@ -125,9 +108,29 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise RunError(f"{meta_path} is unreadable: {error}") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{meta_path} is not a JSON object: not a distillad run")
     if meta.get("format_version") != FORMAT_VERSION:
         raise RunError(f"{meta_path} has format_version {meta.get('format_version')!r}; this distillad reads {FORMAT_VERSION}")
     return meta
+
+
+def _recalibrate(run_dir: Path, meta: dict[str, Any], config: TrainConfig, scorer: AnomalyScorer,
+                 device: torch.device) -> Calibration | None:
+    """Fit the normal statistics of a changed map rule on the run's own validation images, when they are still
+    there; otherwise there is no threshold (and a normalised map cannot be computed at all)."""
+    from distillad.data import ImageDataset, Sample
+
+    val_files = [Path(p) for p in (meta.get("data") or {}).get("val_files") or []]
+    if not val_files or not all(p.is_file() for p in val_files):
+        if scorer.map_norm != "none":
+            raise RunError(f"map_norm={scorer.map_norm} needs the run's defect-free validation images, listed in "
+                           f"{run_dir / META_FILE}; they are missing")
+        return None
+    dataset = ImageDataset([Sample(p, 0, "good", None) for p in val_files], config.image_size)
+    calibration, _, _ = fit_normal_statistics(scorer, dataset, threshold_k=config.threshold_k,
+                                              batch_size=config.batch_size, device=device)
+    return calibration
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
@@ -144,25 +147,35 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     meta = read_meta(run_dir)
     try:
         config = config_from_dict(meta["config"])
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, TypeError, DistilladError) as error:
         raise RunError(f"{run_dir / META_FILE} holds an invalid config: {error}") from None
     changed = _apply_map_options(config, map_options or {})
     model = build_model(config.method, config.backbone, config.options, pretrained=False)
     model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise RunError(f"{model_path} is missing")
+    expected = meta.get("model_sha256")
+    if expected is not None and file_sha256(model_path) != expected:
+        raise RunError(f"{model_path} is not the model {META_FILE} was written for (sha256 differs): the run folder "
+                       "was changed or a write was interrupted; train it again")
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{model_path} is missing") from None
     except Exception as error:  # torch raises many types for corrupt files
         raise RunError(f"{model_path} is not a readable checkpoint: {error}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise RunError(f"{model_path} does not match the model described in {META_FILE}: {error}") from None
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format).eval()
-    calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") and not changed else None
-    scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
-    folded = scorer.fold_batchnorm(config.image_size) if fold_batchnorm else 0
+    model.to(device)
+    scorer, folded = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size,
+                                 fold_batchnorm=fold_batchnorm)
+    if changed:
+        calibration = _recalibrate(run_dir, meta, config, scorer, device)
+    else:
+        try:
+            calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+            apply_map_statistics(scorer, meta.get("map_statistics"))
+        except (TypeError, ValueError, KeyError) as error:
+            raise RunError(f"{run_dir / META_FILE} holds an invalid calibration: {error}") from None
     return LoadedRun(run_dir=run_dir, config=config, model=model, scorer=scorer, calibration=calibration, meta=meta,
                      batchnorm_folded=folded)

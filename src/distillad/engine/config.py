@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distillad.backbones import BACKBONE_NAMES
+from distillad.errors import ConfigError
 from distillad.methods import method_class
+from distillad.typed import typed_values
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -56,56 +58,30 @@ class TrainConfig:
         return max(1, round(self.steps / max(1, steps_per_epoch)))
 
     def validate(self) -> None:
-        method_class(self.method).options_class.from_dict(self.options)
+        method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} option")
         if self.backbone not in BACKBONE_NAMES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+            raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
         for name in ("image_size", "epochs", "batch_size", "steps"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 (the embedding works at stride 32), got {self.image_size}")
+            raise ConfigError(f"image_size must be a multiple of 32 (the embedding works at stride 32), got {self.image_size}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.optimizer.name not in ("adam", "sgd"):
-            raise ValueError(f"optimizer.name must be adam or sgd, got {self.optimizer.name!r}")
+            raise ConfigError(f"optimizer.name must be adam or sgd, got {self.optimizer.name!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
-
-
-# The recipes of METHODS.md, adapted where the offline EfficientNet-Lite teacher needs it (see README).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dskd": {"batch_size": 16,
-             "optimizer": {"name": "adam", "lr": 0.002, "betas": (0.5, 0.999), "milestones": (0.8, 0.9)}},
-    "rd": {"batch_size": 16,
-           "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999)}},
-    "aand": {"batch_size": 16,
-             "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999), "milestones": (0.8, 0.9),
-                           "gamma": 0.2}},
-    "stfpm": {"batch_size": 32, "steps": 180,   # same number of images seen as the batch-16 recipes
-              "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}},
-}
+            raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
 
 
 def _merge(config: TrainConfig, values: dict[str, Any], source: str) -> None:
-    known = {f.name for f in fields(TrainConfig)}
+    """Overlay `values` on `config`, every value checked against its declaration (None means "not given")."""
+    values = typed_values(TrainConfig, {k: v for k, v in values.items() if v is not None}, source)
     for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        if value is None:
-            continue
         if key == "optimizer":
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: optimizer must be a mapping")
-            opt_known = {f.name for f in fields(OptimizerConfig)}
-            for opt_key, opt_value in value.items():
-                if opt_key not in opt_known:
-                    raise ValueError(f"{source}: unknown optimizer setting {opt_key!r}; known: {', '.join(sorted(opt_known))}")
-                if opt_key in ("betas", "milestones"):
-                    opt_value = tuple(float(v) for v in opt_value)
+            for opt_key, opt_value in typed_values(OptimizerConfig, value, f"{source}: optimizer").items():
                 setattr(config.optimizer, opt_key, opt_value)
         elif key == "options":
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: options must be a mapping")
             config.options.update(value)
         else:
             setattr(config, key, value)
@@ -116,13 +92,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
     return values
 
 
@@ -132,9 +110,10 @@ def resolve_config(method: str | None = None, file_values: dict[str, Any] | None
     file_values = dict(file_values or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     chosen = overrides.get("method") or method or file_values.get("method") or "dskd"
-    method_class(chosen)
+    if not isinstance(chosen, str):
+        raise ConfigError(f"method must be a string, got {chosen!r}")
     config = TrainConfig(method=chosen)
-    _merge(config, METHOD_DEFAULTS.get(chosen, {}), "method defaults")
+    _merge(config, method_class(chosen).recipe, f"{chosen} recipe")
     _merge(config, file_values, "config file")
     _merge(config, overrides, "command line")
     config.method = chosen

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from distillad.data import CategorySplit, ImageDataset
+from distillad.data import CategorySplit, DataError, ImageDataset
+from distillad import metrics
+from distillad.metrics import METRIC_KEYS
 from distillad.scoring import AnomalyScorer, Calibration
 
 
@@ -72,11 +74,9 @@ def threshold_report(scores: np.ndarray, labels: np.ndarray, calibration: Calibr
 def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, *, batch_size: int = 16,
                    device: torch.device | str = "cpu", calibration: Calibration | None = None,
                    progress: bool = False) -> dict[str, Any]:
-    """The protocol of METHODS.md section 5 on data.test: five metrics, counts, timing and threshold behaviour."""
-    from distillad import metrics
-
+    """The evaluation protocol on data.test: five metrics, counts, timing and threshold behaviour."""
     if not data.test:
-        raise ValueError(f"{data.name} has no test images to evaluate")
+        raise DataError(f"{data.name} has no test images to evaluate")
     dataset = ImageDataset(data.test, image_size)
     start = time.perf_counter()
     targets = _TargetCollector()
@@ -92,10 +92,7 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
         "image_auroc": metrics.image_auroc(scores, labels),
         "image_f1max": metrics.f1_max(scores, labels),
     }
-    pixel_maps, pixel_masks = maps[has_mask], masks[has_mask]
-    result["pixel_auroc"] = metrics.pixel_auroc(pixel_maps, pixel_masks)
-    result["aupro"] = metrics.aupro(pixel_maps, pixel_masks)
-    result["pixel_f1max"] = metrics.pixel_f1_max(pixel_maps, pixel_masks)
+    result.update(metrics.pixel_metrics(maps[has_mask], masks[has_mask]))
     result["n_images_without_mask"] = int((~has_mask).sum())
     result["inference_seconds"] = inference_seconds
     result["seconds"] = time.perf_counter() - start
@@ -103,3 +100,17 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
     result["images"] = [{"path": str(sample.path), "defect_type": sample.defect_type, "label": int(label),
                          "score": float(score)} for sample, label, score in zip(data.test, labels, scores)]
     return result
+
+
+def format_metrics(result: dict[str, Any]) -> str:
+    """The evaluation as a person reads it: counts, the five metrics, and how the calibrated threshold did."""
+    width = max(len(k) for k in METRIC_KEYS)
+    lines = [f"{result['category']}: {result['n_images']} test images ({result['n_defective']} defective), "
+             f"{result['seconds']:.1f} s"]
+    lines += [f"  {key:<{width}}  {result[key]:.4f}" for key in METRIC_KEYS]
+    threshold = result.get("threshold")
+    if threshold:
+        far, det = threshold["false_alarm_rate"], threshold["detection_rate"]
+        lines.append(f"  calibrated threshold {threshold['value']:.4g}: false alarms "
+                     f"{'n/a' if far is None else f'{far:.1%}'}, detections {'n/a' if det is None else f'{det:.1%}'}")
+    return "\n".join(lines)

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distillad.data import list_images, load_image
-from distillad.engine.checkpoint import LoadedRun, RunError, atomic_write_bytes, atomic_write_text
+from distillad.data import list_images
+from distillad.data.images import array_to_tensor, decode_image, resize_image_array
+from distillad.engine.checkpoint import LoadedRun
+from distillad.errors import ConfigError, RunError
+from distillad.io import atomic_write_bytes, atomic_write_text
 
 # Anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map for heatmaps.
 _COLORMAP_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 1.0], [0.5, 1.0, 0.5],
@@ -74,17 +77,74 @@ def output_names(paths: list[Path]) -> list[str]:
 
 @dataclass
 class Prediction:
-    path: Path
+    """One scored image. `anomaly_map` is at the image's own resolution (float32, the score's units); `mask` is
+    the map above the calibrated threshold (None for an uncalibrated run)."""
+
+    path: Path | None                  # None for an in-memory image
     score: float
-    normalized_score: float | None
-    label: str
+    normalized_score: float | None     # 0.5 at the threshold (see scoring.calibration)
+    label: str                         # "normal", "defective", or "uncalibrated"
+    anomaly_map: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    @property
+    def is_defective(self) -> bool:
+        return self.label == "defective"
+
+
+def score_arrays(run: LoadedRun, arrays: list[np.ndarray], device: str | torch.device = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded images (full resolution) -> maps (B,S,S) and scores (B,) through the run's scorer.
+
+    The resize is the one ImageDataset uses, so a file gets the same score from `test` and from `predict`."""
+    size = run.config.image_size
+    batch = torch.stack([array_to_tensor(resize_image_array(a, size)) for a in arrays]).to(device)
+    with torch.inference_mode():
+        maps, scores = run.scorer(batch)
+    return maps.float().cpu(), scores.float().cpu()
+
+
+def full_resolution(anomaly_map: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """A (S,S) model-resolution map bilinearly resized to an image's own (H,W)."""
+    return F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
+def predict_batch(run: LoadedRun, arrays: list[np.ndarray], paths: list[Path | None],
+                  device: str | torch.device = "cpu") -> list[Prediction]:
+    """Score decoded images; each Prediction carries its map and mask at the image's own resolution."""
+    maps, scores = score_arrays(run, arrays, device)
+    calibration = run.calibration
+    out: list[Prediction] = []
+    for array, path, anomaly_map, score_t in zip(arrays, paths, maps, scores):
+        score = float(score_t)
+        full_map = full_resolution(anomaly_map, array.shape[0], array.shape[1])
+        if calibration:
+            label = "defective" if calibration.is_defective(score) else "normal"
+            out.append(Prediction(path, score, calibration.normalize(score), label, full_map,
+                                  full_map > calibration.threshold))
+        else:
+            out.append(Prediction(path, score, None, "uncalibrated", full_map, None))
+    return out
+
+
+def to_rgb_u8(array: np.ndarray) -> np.ndarray:
+    """A decoded (H,W,1|3) uint8 or float array -> (H,W,3) uint8 for drawing."""
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
 def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path, *, batch_size: int = 8,
                   device: str | torch.device = "cpu", overwrite: bool = False, save_images: bool = True,
                   progress: bool = True) -> list[Prediction]:
+    """Score image files and folders; write predictions.csv, heatmap overlays and masks into out_dir.
+
+    Each file is decoded once: the model input is resized from it and the overlay drawn on it."""
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
     csv_path = out_dir / "predictions.csv"
     if csv_path.exists() and not overwrite:
@@ -95,31 +155,22 @@ def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path,
     threshold = calibration.threshold if calibration else float("inf")
     # Colour scale: twice the threshold saturates, so a normal image stays blue and a defect turns red.
     scale_max = 2.0 * threshold if calibration else None
-    size = run.config.image_size
     predictions: list[Prediction] = []
     for start in tqdm(range(0, len(paths), batch_size), disable=not progress, unit="batch", desc="predicting"):
         chunk = paths[start:start + batch_size]
-        images = torch.stack([load_image(p, size) for p in chunk]).to(device)
-        with torch.inference_mode():
-            maps, scores = run.scorer(images)
-        for offset, path in enumerate(chunk):
-            score = float(scores[offset])
-            normalized = calibration.normalize(score) if calibration else None
-            label = ("defective" if calibration.is_defective(score) else "normal") if calibration else "uncalibrated"
-            predictions.append(Prediction(path=path, score=score, normalized_score=normalized, label=label))
+        arrays = [decode_image(p) for p in chunk]
+        for offset, (array, prediction) in enumerate(zip(arrays, predict_batch(run, arrays, chunk, device))):
             if save_images:
-                original = load_image(path, None)
-                height, width = original.shape[-2:]
-                full_map = F.interpolate(maps[offset][None, None].float().cpu(), size=(height, width),
-                                         mode="bilinear", align_corners=False)[0, 0].numpy()
-                rgb = (original.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 name = names[start + offset]
+                full_map = prediction.anomaly_map
                 heat_scale = scale_max if scale_max is not None else float(full_map.max())
                 atomic_write_bytes(out_dir / "heatmaps" / f"{name}.png",
-                                   png_bytes(overlay(rgb, full_map, threshold, heat_scale)))
-                if calibration:
-                    mask = ((full_map > threshold) * 255).astype(np.uint8)
-                    atomic_write_bytes(out_dir / "masks" / f"{name}_mask.png", png_bytes(mask))
+                                   png_bytes(overlay(to_rgb_u8(array), full_map, threshold, heat_scale)))
+                if prediction.mask is not None:
+                    atomic_write_bytes(out_dir / "masks" / f"{name}_mask.png",
+                                       png_bytes(prediction.mask.astype(np.uint8) * 255))
+            prediction.anomaly_map = prediction.mask = None   # written; do not hold every map in memory
+            predictions.append(prediction)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "score", "normalized_score", "label"])

@@ -19,20 +19,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from distillad.data import CategorySplit, ImageDataset
-from distillad.engine.checkpoint import (
-    META_FILE,
-    MODEL_FILE,
-    RunError,
-    atomic_torch_save,
-    atomic_write_json,
-    save_run,
-)
+from distillad.engine.checkpoint import META_FILE, MODEL_FILE, save_model, write_meta
 from distillad.engine.config import OptimizerConfig, TrainConfig
 from distillad.engine.device import resolve_device
-from distillad.engine.inference import score_dataset
+from distillad.engine.calibrate import fit_normal_statistics
+from distillad.errors import RunError
+from distillad.io import atomic_torch_save, atomic_write_json
 from distillad.methods import DistillationModel, build_model
 from distillad.methods.base import TrainingStage
-from distillad.scoring import AnomalyScorer, Calibration, calibrate
+from distillad.scoring import Calibration, make_scorer
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +64,7 @@ STAGE_FOLDER = "stages"
 @dataclass
 class TrainResult:
     run_dir: Path
-    model: DistillationModel
+    model: DistillationModel           # the trained model, BatchNorm folded for inference (model.pt holds it unfolded)
     calibration: Calibration
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
@@ -225,21 +220,25 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     else:
         calibration_set, calibration_source = val_set, "validation"
     val_loss = mean_loss(model, val_set, config.batch_size, device)
-    scorer = AnomalyScorer(model, channels_last=config.channels_last).to(device).eval()
-    _, val_scores = score_dataset(scorer, calibration_set, batch_size=config.batch_size, device=device,
-                                  keep_maps=False)
-    calibration = calibrate(val_scores, k=config.threshold_k)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_model(run_dir, model)
+    # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
+    # comes after saving the trained weights).
+    scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
+    calibration, map_statistics, val_scores = fit_normal_statistics(
+        scorer, calibration_set, threshold_k=config.threshold_k, batch_size=config.batch_size, device=device)
     history = stage_reports[-1]["history"]
     extra: dict[str, Any] = {
         "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
                  "val_files": [str(s.path) for s in data.val]},
+        "map_statistics": map_statistics,
+        "calibration_scores": [float(s) for s in val_scores],
         "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
                      "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
                      "calibration_source": calibration_source, "history": history,
                      "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run(run_dir, model, config, calibration, extra)
+    write_meta(run_dir, model, config, calibration, extra)
     shutil.rmtree(run_dir / STAGE_FOLDER, ignore_errors=True)
     log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
         f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")

@@ -1,28 +1,18 @@
-"""The methods: each module wires the shared parts into one teacher-student design."""
+"""The methods: each module wires the shared parts into one teacher-student design and registers itself.
+
+A new method is one module: a `DistillationModel` subclass with its `name`, `options_class` and training `recipe`,
+decorated with `@register_method`, imported below.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from distillad.methods.aand import AAND, AANDOptions
-from distillad.methods.base import DistillationModel, MethodOptions
+from distillad.methods.base import METHODS, DistillationModel, MethodOptions, method_class, register_method
 from distillad.methods.dskd import DSKD, DSKDOptions
 from distillad.methods.rd import RDOptions, ReverseDistillation
 from distillad.methods.stfpm import STFPM, STFPMOptions
-
-METHODS: dict[str, type[DistillationModel]] = {
-    "dskd": DSKD,
-    "stfpm": STFPM,
-    "rd": ReverseDistillation,
-    "aand": AAND,
-}
-
-
-def method_class(name: str) -> type[DistillationModel]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
 def build_model(method: str, backbone: str, options: dict[str, Any] | None = None, *, pretrained: bool = True,
@@ -33,4 +23,4 @@ def build_model(method: str, backbone: str, options: dict[str, Any] | None = Non
 
 
 __all__ = ["AAND", "AANDOptions", "DSKD", "DSKDOptions", "METHODS", "DistillationModel", "MethodOptions", "RDOptions",
-           "ReverseDistillation", "STFPM", "STFPMOptions", "build_model", "method_class"]
+           "ReverseDistillation", "STFPM", "STFPMOptions", "build_model", "method_class", "register_method"]

@@ -1,4 +1,4 @@
-"""AAND (Jiang et al. 2024): anomaly amplification, then normality distillation (METHODS.md section 3).
+"""AAND (Tang et al. 2024, arXiv 2405.02068): anomaly amplification, then normality distillation (docs/methods.md#aand).
 
 Stage 1 ("amplify") trains one Residual Anomaly Amplification (RAA) module per teacher level 1..3 on synthetic
 anomalies while the teacher stays frozen. Each RAA adds `g * r` to the teacher's feature, where the gate g says
@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillad.errors import ConfigError
 from distillad.methods.base import (
     DistillationModel,
     FeaturePairs,
     MethodOptions,
     TrainingStage,
     check_choice,
+    register_method,
     select_levels,
 )
 from distillad.methods.parts import global_cosine_distance, hard_pixel_distance, reverse_student
@@ -64,50 +66,28 @@ class AANDOptions(MethodOptions):
     decoder_blocks: int = 2
 
     def validate(self) -> None:
-        super().validate()
-        _check_type("amplify", self.amplify, bool)
+        super().validate()   # types were checked from the declarations by from_dict
         for name in ("hard_k", "prototypes", "normal_pixels", "anomalous_pixels", "bottleneck_blocks",
                      "decoder_blocks"):
-            _check_type(name, getattr(self, name), int)
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prototypes < 2 or self.prototypes % 2:
-            raise ValueError("prototypes must be an even number >= 2 (half normal, half anomalous), "
-                             f"got {self.prototypes}")
-        for name in ("temperature", "focal_gamma", "focal_alpha", "amplification_weight", "amplification_margin",
-                     "gate_threshold", "anomaly_probability"):
-            _check_type(name, getattr(self, name), (int, float))
+            raise ConfigError("prototypes must be an even number >= 2 (half normal, half anomalous), "
+                              f"got {self.prototypes}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
+            raise ConfigError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         for name in ("focal_alpha", "anomaly_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.gate_threshold < 1.0:
-            raise ValueError(f"gate_threshold must be in [0, 1), got {self.gate_threshold}")
+            raise ConfigError(f"gate_threshold must be in [0, 1), got {self.gate_threshold}")
         if self.amplification_weight < 0 or self.amplification_margin < 0:
-            raise ValueError("amplification_weight and amplification_margin must be >= 0")
+            raise ConfigError("amplification_weight and amplification_margin must be >= 0")
         check_choice("foreground", self.foreground, ("auto", "whole", "mask"))
-        for name in ("foreground_mask", "texture_dir"):
-            _check_type(name, getattr(self, name), (str, type(None)))
         if (self.foreground == "mask") != (self.foreground_mask is not None):
-            raise ValueError("foreground=mask needs foreground_mask=FILE, and foreground_mask needs foreground=mask")
-        _check_type("anomaly_seed", self.anomaly_seed, (int, type(None)))
-
-
-def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
-    """Options come from YAML/JSON: refuse a string where a number is meant (and a bool where an int is)."""
-    allowed = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in allowed:
-        raise ValueError(f"{name} must be {_type_names(allowed)}, got {value!r}")
-    if not isinstance(value, allowed):
-        raise ValueError(f"{name} must be {_type_names(allowed)}, got {value!r}")
-
-
-def _type_names(types: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
+            raise ConfigError("foreground=mask needs foreground_mask=FILE, and foreground_mask needs foreground=mask")
 
 
 # ------------------------------------------------------------------------------------------------------ RAA module
@@ -233,8 +213,11 @@ def sample_pixels(features: torch.Tensor, where: torch.Tensor, limit: int,
 # ----------------------------------------------------------------------------------------------------------- model
 
 
+@register_method
 class AAND(DistillationModel):
     name = "aand"
+    recipe = {"batch_size": 16, "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999),
+                                              "milestones": (0.8, 0.9), "gamma": 0.2}}
     options_class = AANDOptions
 
     def __init__(self, backbone: str, options: AANDOptions, *, pretrained: bool = True,

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from distillad.backbones import FeatureExtractor, backbone_spec, create_backbone
+from distillad.errors import ConfigError
+from distillad.methods.parts import cosine_distance_map
+from distillad.typed import typed_values
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FeaturePairs = list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 # Options that only shape the anomaly map from a trained model: they may change at test time without retraining.
-MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma")
+MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma", "map_norm", "score_topk")
 
 
 @dataclass
@@ -30,17 +33,15 @@ class MethodOptions:
     level_fusion: str = "sum"                     # how per-level maps combine: sum | product | mean
     student_fusion: str = "mean"                  # how students' maps combine: mean | max | product
     sigma: float = 4.0                            # Gaussian blur of the final map, in pixels of the input size
+    # Each student's and level's map rescaled by quantiles of its values on defect-free validation images before
+    # fusion: none | quantile ((m - q90) / (q99.5 - q90), so 0 is typical and 1 rare for normal images)
+    map_norm: str = "none"
+    score_topk: float = 0.0                       # image score: 0 = max of the map; f > 0 = mean of its top f share
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> MethodOptions:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown option(s) for this method: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if values.get("levels") is not None:
-            values["levels"] = tuple(int(v) for v in values["levels"])
-        options = cls(**values)
+    def from_dict(cls, values: dict[str, Any] | None, source: str = "option") -> MethodOptions:
+        """Options from a mapping, every value checked against its declared type, then `validate()`d."""
+        options = cls(**typed_values(cls, dict(values or {}), source))
         options.validate()
         return options
 
@@ -53,17 +54,20 @@ class MethodOptions:
 
     def validate(self) -> None:
         if not self.levels or any(level not in (1, 2, 3) for level in self.levels):
-            raise ValueError(f"levels must be a non-empty subset of 1, 2, 3; got {self.levels}")
+            raise ConfigError(f"levels must be a non-empty subset of 1, 2, 3; got {self.levels}")
         check_choice("input_norm", self.input_norm, ("native", "imagenet"))
         check_choice("level_fusion", self.level_fusion, ("sum", "product", "mean"))
         check_choice("student_fusion", self.student_fusion, ("mean", "max", "product"))
         if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        check_choice("map_norm", self.map_norm, ("none", "quantile"))
+        if not 0.0 <= self.score_topk < 1.0:
+            raise ConfigError(f"score_topk must be in [0, 1), got {self.score_topk}")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -97,6 +101,9 @@ class DistillationModel(nn.Module):
 
     name: ClassVar[str]
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
+    # Training settings of the method's recipe (TrainConfig fields; "optimizer" a mapping of OptimizerConfig
+    # fields), applied before a config file and command-line flags.
+    recipe: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: str, options: MethodOptions, *, pretrained: bool = True,
                  weights: str | None = None) -> None:
@@ -137,6 +144,13 @@ class DistillationModel(nn.Module):
         with torch.no_grad():
             return self.teacher(self.normalize(images))
 
+    def discrepancy_maps(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per student, per matched level: the per-pixel anomaly map (B,h,w) at the level's own resolution.
+
+        The scorer upsamples, normalises, fuses and blurs these. Teacher-student methods compare features by
+        1 - cos; a method that scores otherwise (a memory bank's nearest-neighbour distance) overrides this."""
+        return [[cosine_distance_map(t, s) for t, s in student] for student in self.feature_pairs(images)]
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for name, p in self.named_parameters() if not name.startswith("teacher.") and p.requires_grad)
 
@@ -156,3 +170,21 @@ class DistillationModel(nn.Module):
 def select_levels(pairs: list[tuple[torch.Tensor, torch.Tensor]], levels: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keep the (teacher, student) pairs of the matched levels; pairs are indexed by level 1..3."""
     return [pairs[level - 1] for level in levels]
+
+
+METHODS: dict[str, type[DistillationModel]] = {}
+
+
+def register_method(cls: type[DistillationModel]) -> type[DistillationModel]:
+    """Class decorator: make a method available by its `name` to the config, the CLI and run loading."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise RuntimeError(f"two methods are registered as {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[DistillationModel]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from distillad.backbones import create_backbone
-from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, check_choice, select_levels
+from distillad.errors import ConfigError
+from distillad.methods.base import (
+    DistillationModel,
+    FeaturePairs,
+    MethodOptions,
+    check_choice,
+    register_method,
+    select_levels,
+)
 from distillad.methods.parts import cosine_distance_map, global_cosine_distance, reverse_student
 
 
@@ -35,11 +43,14 @@ class DSKDOptions(MethodOptions):
         check_choice("students", self.students, ("both", "encoder", "decoder"))
         check_choice("df_input", self.df_input, ("student", "teacher", "both"))
         if self.students == "decoder" and self.df_input != "teacher":
-            raise ValueError("students=decoder has no encoder student to feed the DF embedding: use df_input=teacher")
+            raise ConfigError("students=decoder has no encoder student to feed the DF embedding: use df_input=teacher")
 
 
+@register_method
 class DSKD(DistillationModel):
     name = "dskd"
+    recipe = {"batch_size": 16,
+              "optimizer": {"name": "adam", "lr": 0.002, "betas": (0.5, 0.999), "milestones": (0.8, 0.9)}}
     options_class = DSKDOptions
 
     def __init__(self, backbone: str, options: DSKDOptions, *, pretrained: bool = True,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, select_levels
+from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, register_method, select_levels
 from distillad.methods.parts import global_cosine_distance, reverse_student
 
 
@@ -16,8 +16,10 @@ class RDOptions(MethodOptions):
     decoder_blocks: int = 2
 
 
+@register_method
 class ReverseDistillation(DistillationModel):
     name = "rd"
+    recipe = {"batch_size": 16, "optimizer": {"name": "adam", "lr": 0.005, "betas": (0.5, 0.999)}}
     options_class = RDOptions
 
     def __init__(self, backbone: str, options: RDOptions, *, pretrained: bool = True,

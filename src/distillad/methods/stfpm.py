@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from distillad.backbones import create_backbone
-from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, select_levels
+from distillad.methods.base import DistillationModel, FeaturePairs, MethodOptions, register_method, select_levels
 from distillad.methods.parts import cosine_distance_map
 
 
@@ -17,8 +17,12 @@ class STFPMOptions(MethodOptions):
     sigma: float = 4.0
 
 
+@register_method
 class STFPM(DistillationModel):
     name = "stfpm"
+    # batch 32 for 180 steps: the same number of images seen as the batch-16 recipes' 360 steps
+    recipe = {"batch_size": 32, "steps": 180,
+              "optimizer": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}}
     options_class = STFPMOptions
 
     def __init__(self, backbone: str, options: STFPMOptions, *, pretrained: bool = True,

@@ -6,7 +6,9 @@ of them describes what the others compute.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +16,7 @@ from torch import nn
 
 from distillad.methods.base import DistillationModel, FeaturePairs
 from distillad.methods.parts import cosine_distance_map
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius round(truncate * sigma) like scipy.ndimage.gaussian_filter."""
-    radius = max(1, int(truncate * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
+from distillad.ops import gaussian_kernel1d, separable_blur
 
 
 class GaussianBlur(nn.Module):
@@ -37,15 +32,10 @@ class GaussianBlur(nn.Module):
         if self.sigma <= 0:
             return maps
         radius = self.kernel.numel() // 2
-        x = maps.unsqueeze(1)
-        height, width = x.shape[-2:]
+        height, width = maps.shape[-2:]
         # Reflect padding needs the pad to be smaller than the side; fall back to replicate for tiny maps.
         mode = "reflect" if radius < min(height, width) else "replicate"
-        x = F.pad(x, (radius, radius, 0, 0), mode=mode)
-        x = F.conv2d(x, self.kernel.view(1, 1, 1, -1))
-        x = F.pad(x, (0, 0, radius, radius), mode=mode)
-        x = F.conv2d(x, self.kernel.view(1, 1, -1, 1))
-        return x.squeeze(1)
+        return separable_blur(maps.unsqueeze(1), self.kernel, mode).squeeze(1)
 
 
 def fuse(maps: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
@@ -81,7 +71,24 @@ class AnomalyScorer(nn.Module):
         options = model.options
         self.level_fusion = options.level_fusion
         self.student_fusion = options.student_fusion
+        self.map_norm = options.map_norm
+        self.score_topk = options.score_topk
         self.blur = GaussianBlur(options.sigma)
+        # Per (student, level): the low and high quantile of the map on defect-free validation images (map_norm).
+        self.register_buffer("norm_low", torch.zeros(0, 0))
+        self.register_buffer("norm_high", torch.zeros(0, 0))
+
+    def set_map_statistics(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Install the (students, levels) quantiles fitted by `fit_map_statistics`."""
+        device = self.norm_low.device
+        self.norm_low = low.detach().float().to(device)
+        self.norm_high = torch.maximum(high.detach().float().to(device), self.norm_low + 1e-6)
+
+    def raw_maps(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per student, per level: the discrepancy map upsampled to the input size, before any normalisation."""
+        size = (images.shape[-2], images.shape[-1])
+        images = images.contiguous(memory_format=self.memory_format)
+        return [[upsample(m, size) for m in maps] for maps in self.model.discrepancy_maps(images)]
 
     def fold_batchnorm(self, image_size: int) -> int:
         """Fold BatchNorm into the convolutions for inference (in place, eval mode); returns the pairs folded.
@@ -92,16 +99,24 @@ class AnomalyScorer(nn.Module):
 
         device = next(self.model.parameters()).device
         probe = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-        return fold_batchnorm(self, lambda scorer: scorer(probe))
+        # Checked on every student's and level's raw map: what map options and normalisation are computed from.
+        return fold_batchnorm(self, lambda scorer: tuple(m for maps in scorer.raw_maps(probe) for m in maps))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = (images.shape[-2], images.shape[-1])
-        images = images.contiguous(memory_format=self.memory_format)
         per_student = []
-        for maps in level_maps(self.model.feature_pairs(images)):
-            per_student.append(fuse([upsample(m, size) for m in maps], self.level_fusion))
+        for s, maps in enumerate(self.raw_maps(images)):
+            if self.map_norm == "quantile":
+                if self.norm_low.numel() == 0:
+                    raise RuntimeError("map_norm=quantile needs the validation statistics (set_map_statistics)")
+                maps = [(m - self.norm_low[s, l]) / (self.norm_high[s, l] - self.norm_low[s, l])
+                        for l, m in enumerate(maps)]
+            per_student.append(fuse(maps, self.level_fusion))
         anomaly_map = self.blur(fuse(per_student, self.student_fusion))
-        return anomaly_map, anomaly_map.flatten(1).amax(dim=1)
+        flat = anomaly_map.flatten(1)
+        if self.score_topk > 0:
+            k = max(1, int(round(self.score_topk * flat.shape[1])))
+            return anomaly_map, flat.topk(k, dim=1).values.mean(dim=1)
+        return anomaly_map, flat.amax(dim=1)
 
 
 def make_scorer(model: DistillationModel, *, channels_last: bool, image_size: int,
@@ -118,3 +133,28 @@ def make_scorer(model: DistillationModel, *, channels_last: bool, image_size: in
     scorer = AnomalyScorer(model, channels_last=channels_last).to(device).eval()
     folded = scorer.fold_batchnorm(image_size) if fold_batchnorm else 0
     return scorer, folded
+
+
+def fit_map_statistics(scorer: AnomalyScorer, batches: Iterable[torch.Tensor], *, q_low: float = 0.9,
+                       q_high: float = 0.995, max_values: int = 4_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantiles of each (student, level) map's values over defect-free images: (students, levels) low and high.
+
+    The values are subsampled with a fixed stride to at most `max_values` per map, so memory stays bounded."""
+    values: list[list[list[torch.Tensor]]] = []
+    with torch.inference_mode():
+        for images in batches:
+            for s, maps in enumerate(scorer.raw_maps(images)):
+                if len(values) <= s:
+                    values.append([[] for _ in maps])
+                for l, m in enumerate(maps):
+                    values[s][l].append(m.flatten().float().cpu())
+    if not values:
+        raise ValueError("map statistics need at least one defect-free image")
+    low = torch.zeros(len(values), len(values[0]))
+    high = torch.zeros_like(low)
+    for s, per_level in enumerate(values):
+        for l, parts in enumerate(per_level):
+            flat = torch.cat(parts)
+            flat = flat[:: max(1, flat.numel() // max_values)].double().numpy()
+            low[s, l], high[s, l] = float(np.quantile(flat, q_low)), float(np.quantile(flat, q_high))
+    return low, high
