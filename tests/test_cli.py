@@ -55,7 +55,7 @@ def test_train_test_predict_through_the_cli(category, tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--data", "{missing}", "--out", "{tmp}/r"], "does not exist"),
     (["train", "--data", "{category}", "--out", "{tmp}/r", "--image-size", "100"], "multiple of 32"),
-    (["train", "--data", "{category}", "--out", "{tmp}/r", "--option", "bogus=1"], "unknown setting(s) 'bogus'"),
+    (["train", "--data", "{category}", "--out", "{tmp}/r", "--option", "bogus=1"], "unknown option(s) 'bogus'"),
     (["train", "--data", "{category}", "--out", "{tmp}/r", "--config", "{tmp}/none.yaml"], "none.yaml"),
     (["test", "--run", "{tmp}/norun", "--data", "{category}"], "norun"),
     (["predict", "--run", "{tmp}/norun", "{category}", "--out", "{tmp}/p"], "norun"),

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
     (moved / META_FILE).write_text(json.dumps(meta))
     (moved / MODEL_FILE).write_bytes((run_dir / MODEL_FILE).read_bytes())
     assert load_run(moved, map_options={"sigma": 0}).calibration is None
-    with pytest.raises(RunError, match="needs the run's defect-free validation images"):
+    with pytest.raises(RunError, match="need the run.s defect-free validation images"):
         load_run(moved, map_options={"map_norm": "quantile"})
     with pytest.raises(ValueError, match="new training run"):
         load_run(run_dir, map_options={"levels": [3]})
@@ -270,3 +271,54 @@ def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_categor
     assert started_from and all(started_from[k].equal(saved[k]) for k in started_from)
     fresh = DSKD("efficientnet_lite0", DSKD.options_class(), pretrained=False).state_dict()
     assert any(not fresh[k].equal(saved[k]) for k in started_from if fresh[k].is_floating_point())
+
+
+def test_predict_never_loses_a_batch_and_never_reads_its_own_outputs(tiny_run, tiny_category, tmp_path, capsys):
+    """A corrupt file is a row with its reason, the rest are scored; outputs inside the inputs are not inputs;
+    --overwrite replaces the previous outputs as a whole."""
+    import shutil
+
+    from distillad.cli import main
+
+    run_dir, _, _ = tiny_run
+    images = tmp_path / "images"
+    shutil.copytree(tiny_category / "test" / "good", images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = images / "preds"                                   # the output folder inside the input folder
+    for _ in range(3):
+        code = main(["predict", "--run", str(run_dir), str(images), "--out", str(out), "--overwrite",
+                     "--no-progress"])
+        assert code == 1                                     # some files failed, the others were written
+        rows = list(csv.DictReader((out / "predictions.csv").open()))
+        assert len(rows) == 5                                # 4 good images + the broken one, every time
+        broken = [r for r in rows if r["label"] == "error"]
+        assert len(broken) == 1 and broken[0]["path"].endswith("broken.png") and "broken.png" in broken[0]["error"]
+        assert sorted(p.stem for p in (out / "heatmaps").iterdir()) == sorted(
+            Path(r["path"]).stem for r in rows if r["label"] != "error")
+        assert not [p for p in out.iterdir() if p.name.startswith(".predict-")]
+    err = capsys.readouterr().err
+    assert "skipped" in err and "Traceback" not in err
+    assert main(["predict", "--run", str(run_dir), str(images), "--out", str(tmp_path / "p"), "--batch-size",
+                 "-1"]) == 2
+
+
+def test_position_norm_subtracts_the_validation_maximum_and_calibrates_leave_one_out(tiny_run):
+    from distillad.data import ImageDataset
+    from distillad.scoring import calibrate
+    from distillad.scoring.maps import POSITION_GRID, upsample
+
+    run_dir, _, data = tiny_run
+    run = load_run(run_dir, map_options={"position_norm": "max"})
+    val = torch.stack([ImageDataset(data.val, 64)[i]["image"] for i in range(len(data.val))])
+    with torch.no_grad():
+        normal = run.scorer.normal_map(val)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(normal[:, None], POSITION_GRID)[:, 0]
+        assert torch.allclose(run.scorer.position_reference, pooled.amax(0))
+        images = torch.rand(2, 3, 64, 64)
+        maps, scores = run.scorer(images)
+        expected = run.scorer.normal_map(images) - upsample(pooled.amax(0)[None], (64, 64))
+        assert torch.allclose(maps, expected, atol=1e-6) and torch.allclose(scores, expected.flatten(1).amax(1))
+        # each validation image against the maximum of the others
+        loo = [(normal[i] - upsample(torch.cat([pooled[:i], pooled[i + 1:]]).amax(0)[None], (64, 64))[0]).max()
+               for i in range(len(normal))]
+    assert run.calibration == calibrate(torch.stack(loo).numpy(), k=run.config.threshold_k)

@@ -146,7 +146,7 @@ def test_invalid_options_are_rejected_with_names():
     with pytest.raises(ValueError, match="levels"):
         build_model("rd", BACKBONE, {"levels": [4]}, pretrained=False)
     with pytest.raises(ValueError, match="unknown method"):
-        build_model("patchcore", BACKBONE)
+        build_model("no_such_method", BACKBONE)
 
 
 def test_rd_decoder_sees_only_the_teacher(images):

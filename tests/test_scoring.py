@@ -152,7 +152,7 @@ def test_fold_batchnorm_keeps_every_methods_maps(tmp_path):
         scorer = AnomalyScorer(model).eval()
         with torch.no_grad():
             maps, scores = scorer(images)
-            assert scorer.fold_batchnorm(64) > 40, name
+            assert scorer.fold_batchnorm(64) > 30, name       # patchcore: the teacher alone folds 33 pairs
             folded_maps, folded_scores = scorer(images)
         assert torch.allclose(folded_maps, maps, rtol=1e-3, atol=1e-4), name
         assert torch.allclose(folded_scores, scores, rtol=1e-3, atol=1e-4), name
@@ -164,3 +164,15 @@ def test_fold_batchnorm_refuses_training_mode():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(model, lambda m: m(torch.zeros(1, 1, 2, 2)))
+
+
+def test_position_references_leave_each_image_out():
+    from distillad.scoring.maps import POSITION_GRID, position_references
+
+    maps = torch.zeros(3, POSITION_GRID, POSITION_GRID)
+    maps[0, 0, 0], maps[1, 0, 0], maps[2, 10, 10] = 5.0, 3.0, 7.0
+    reference, leave_one_out = position_references(maps)
+    assert reference[0, 0] == 5.0 and reference[10, 10] == 7.0 and reference.sum() == 12.0
+    assert leave_one_out[0, 0, 0] == 3.0 and leave_one_out[0, 10, 10] == 7.0      # image 0 held out
+    assert leave_one_out[1, 0, 0] == 5.0                                           # image 1 did not set it
+    assert leave_one_out[2, 10, 10] == 0.0 and leave_one_out[2, 0, 0] == 5.0      # image 2 held out

@@ -19,6 +19,7 @@ from typing import Any
 from distillad.errors import ConfigError, DistilladError
 
 EXIT_USER_ERROR = 2
+EXIT_SOME_FAILED = 1      # predict: some inputs could not be read; the others were scored and written
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -81,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--run", required=True, type=Path)
     test.add_argument("--data", required=True, type=Path, help="category folder in the MVTec layout")
     test.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    test.add_argument("--report", type=Path, default=None, metavar="DIR",
+                      help="also write a report to read: DIR/index.html with the metrics, ROC, PRO and score plots "
+                           "and the worst false alarms and missed defects (needs matplotlib; DIR must be new, "
+                           "empty or an earlier report)")
     test.add_argument("--batch-size", type=int, default=16)
     test.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
-                      help="evaluate with another map option (level_fusion, student_fusion, sigma, map_norm, score_topk) without "
-                           "retraining; the threshold is then fitted again on the run's defect-free validation "
-                           "images")
+                      help="evaluate with another map option (level_fusion, student_fusion, sigma, map_norm, "
+                           "position_norm, score_topk) without retraining; its threshold is then fitted again on "
+                           "the run's defect-free validation images")
     common(test)
 
     predict = commands.add_parser("predict", help="score images with a trained run",
@@ -198,12 +203,27 @@ def cmd_test(args: argparse.Namespace) -> int:
     from distillad.engine.inference import format_metrics
     from distillad.io import atomic_write_json
 
+    report = None
+    if args.report is not None:  # refuse before the evaluation, not after it
+        from distillad import report
+
+        report.require_matplotlib()
+        report.check_report_dir(args.report)
     run = distillad.load(args.run, device=args.device or "cpu", map_options=dict(args.option))
-    result = run.evaluate(args.data, batch_size=args.batch_size, progress=not args.no_progress)
+    maps = None
+    if report is not None:  # the same evaluation, also keeping the maps for the report's pixel curves
+        result, maps = report.evaluate_with_maps(run, args.data, batch_size=args.batch_size,
+                                                 progress=not args.no_progress)
+    else:
+        result = run.evaluate(args.data, batch_size=args.batch_size, progress=not args.no_progress)
     print(format_metrics(result))
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
+    if report is not None:
+        index = report.write_report(run, result, args.report, data=args.data, maps=maps,
+                                    batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"wrote {index}")
     return 0
 
 
@@ -214,9 +234,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = run.predict_to_folder(args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
                                         save_images=not args.no_images, progress=not args.no_progress)
     defective = sum(p.label == "defective" for p in predictions)
-    print(f"{len(predictions)} images scored, {defective} called defective; wrote {args.out / 'predictions.csv'}"
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        print(f"distillad predict: skipped {p.path}: {p.error}", file=sys.stderr)
+    print(f"{len(predictions) - len(failed)} images scored, {defective} called defective"
+          + (f", {len(failed)} unreadable (rows with label 'error')" if failed else "")
+          + f"; wrote {args.out / 'predictions.csv'}"
           + ("" if args.no_images else f", {args.out / 'heatmaps'}, {args.out / 'masks'}"))
-    return 0
+    return EXIT_SOME_FAILED if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

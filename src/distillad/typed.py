@@ -78,13 +78,14 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def typed_values(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check `values` against `cls`'s fields: unknown names and wrong types raise ConfigError naming `source`."""
+def typed_values(cls: type, values: dict[str, Any], source: str, what: str = "setting") -> dict[str, Any]:
+    """Check `values` against `cls`'s fields: unknown names and wrong types raise ConfigError naming `source`
+    (and calling the names `what`: setting, option)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
     types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{source}: unknown {what}(s) {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(sorted(types_))}")
     return {key: coerce(value, types_[key], f"{source}: {key}") for key, value in values.items()}

@@ -93,7 +93,7 @@ def _apply_map_options(config: TrainConfig, map_options: dict[str, Any]) -> bool
     options_class = method_class(config.method).options_class
     saved = options_class.from_dict(config.options).to_dict()
     merged = {**saved, **map_options}
-    options_class.from_dict(merged, source="map option")   # raises ConfigError on a bad value
+    options_class.from_dict(merged, source="map options")   # raises ConfigError on a bad value
     config.options = {**config.options, **map_options}
     return any(merged[key] != saved[key] for key in map_options)
 
@@ -123,8 +123,8 @@ def _recalibrate(run_dir: Path, meta: dict[str, Any], config: TrainConfig, score
 
     val_files = [Path(p) for p in (meta.get("data") or {}).get("val_files") or []]
     if not val_files or not all(p.is_file() for p in val_files):
-        if scorer.map_norm != "none":
-            raise RunError(f"map_norm={scorer.map_norm} needs the run's defect-free validation images, listed in "
+        if scorer.map_norm != "none" or scorer.position_norm != "none":
+            raise RunError("map_norm and position_norm need the run's defect-free validation images, listed in "
                            f"{run_dir / META_FILE}; they are missing")
         return None
     dataset = ImageDataset([Sample(p, 0, "good", None) for p in val_files], config.image_size)

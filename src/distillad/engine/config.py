@@ -58,7 +58,7 @@ class TrainConfig:
         return max(1, round(self.steps / max(1, steps_per_epoch)))
 
     def validate(self) -> None:
-        method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} option")
+        method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
         for name in ("image_size", "epochs", "batch_size", "steps"):

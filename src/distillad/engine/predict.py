@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +18,8 @@ from PIL import Image
 from distillad.data import list_images
 from distillad.data.images import array_to_tensor, decode_image, resize_image_array
 from distillad.engine.checkpoint import LoadedRun
-from distillad.errors import ConfigError, RunError
-from distillad.io import atomic_write_bytes, atomic_write_text
+from distillad.errors import ConfigError, DataError, RunError
+from distillad.io import atomic_write_bytes, atomic_write_text, fsync_dir
 
 # Anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map for heatmaps.
 _COLORMAP_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 1.0], [0.5, 1.0, 0.5],
@@ -83,9 +85,10 @@ class Prediction:
     path: Path | None                  # None for an in-memory image
     score: float
     normalized_score: float | None     # 0.5 at the threshold (see scoring.calibration)
-    label: str                         # "normal", "defective", or "uncalibrated"
+    label: str                         # "normal", "defective", "uncalibrated", or "error" (unreadable file)
     anomaly_map: np.ndarray | None = None
     mask: np.ndarray | None = None
+    error: str | None = None           # why the file could not be scored (label "error"), else None
 
     @property
     def is_defective(self) -> bool:
@@ -135,47 +138,94 @@ def to_rgb_u8(array: np.ndarray) -> np.ndarray:
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
+def _inputs_outside(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Drop files inside the output folder: predicting into a folder within the inputs must never score its own
+    heatmaps and masks on the next run."""
+    out = out_dir.resolve()
+    return [p for p in paths if not p.resolve().is_relative_to(out)]
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir's previous results by the staged ones as a whole: the image folders first, the CSV (the
+    file that says which images belong to the run) last, so a reader never pairs a CSV with other images."""
+    for name in ("heatmaps", "masks"):
+        old, new = out_dir / name, staging / name
+        if old.exists():
+            old.rename(staging / f".old-{name}")
+        if new.exists():
+            new.rename(old)
+    os.replace(staging / CSV_NAME, out_dir / CSV_NAME)
+    fsync_dir(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+CSV_NAME = "predictions.csv"
+CSV_COLUMNS = ("path", "score", "normalized_score", "label", "error")
+
+
 def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path, *, batch_size: int = 8,
                   device: str | torch.device = "cpu", overwrite: bool = False, save_images: bool = True,
                   progress: bool = True) -> list[Prediction]:
     """Score image files and folders; write predictions.csv, heatmap overlays and masks into out_dir.
 
-    Each file is decoded once: the model input is resized from it and the overlay drawn on it."""
+    Each file is decoded once: the model input is resized from it and the overlay drawn on it. A file that cannot
+    be read gets a row with label "error" and the reason, and the others are still scored. Everything is written
+    to a staging folder first and swapped in at the end, so out_dir holds either the previous results or these,
+    never a mix; files inside out_dir are never taken as inputs."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     out_dir = Path(out_dir)
-    csv_path = out_dir / "predictions.csv"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out {out_dir} exists and is not a folder")
+    csv_path = out_dir / CSV_NAME
     if csv_path.exists() and not overwrite:
         raise RunError(f"{csv_path} already exists; choose another --out or pass --overwrite")
-    paths = list_images([Path(p) for p in inputs])
+    paths = _inputs_outside(list_images([Path(p) for p in inputs]), out_dir)
+    if not paths:
+        raise DataError(f"no images to predict outside the output folder {out_dir}")
     names = output_names(paths)
     calibration = run.calibration
     threshold = calibration.threshold if calibration else float("inf")
     # Colour scale: twice the threshold saturates, so a normal image stays blue and a defect turns red.
     scale_max = 2.0 * threshold if calibration else None
-    predictions: list[Prediction] = []
-    for start in tqdm(range(0, len(paths), batch_size), disable=not progress, unit="batch", desc="predicting"):
-        chunk = paths[start:start + batch_size]
-        arrays = [decode_image(p) for p in chunk]
-        for offset, (array, prediction) in enumerate(zip(arrays, predict_batch(run, arrays, chunk, device))):
-            if save_images:
-                name = names[start + offset]
-                full_map = prediction.anomaly_map
-                heat_scale = scale_max if scale_max is not None else float(full_map.max())
-                atomic_write_bytes(out_dir / "heatmaps" / f"{name}.png",
-                                   png_bytes(overlay(to_rgb_u8(array), full_map, threshold, heat_scale)))
-                if prediction.mask is not None:
-                    atomic_write_bytes(out_dir / "masks" / f"{name}_mask.png",
-                                       png_bytes(prediction.mask.astype(np.uint8) * 255))
-            prediction.anomaly_map = prediction.mask = None   # written; do not hold every map in memory
-            predictions.append(prediction)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "score", "normalized_score", "label"])
-    for p in predictions:
-        writer.writerow([str(p.path), f"{p.score:.6g}",
-                         "" if p.normalized_score is None else f"{p.normalized_score:.4f}", p.label])
-    atomic_write_text(csv_path, buffer.getvalue())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".predict-"))
+    try:
+        predictions: list[Prediction] = []
+        for start in tqdm(range(0, len(paths), batch_size), disable=not progress, unit="batch", desc="predicting"):
+            chunk, readable, arrays = paths[start:start + batch_size], [], []
+            for offset, path in enumerate(chunk):
+                try:
+                    arrays.append(decode_image(path))
+                    readable.append(offset)
+                except DataError as error:
+                    predictions.append(Prediction(path, float("nan"), None, "error", error=str(error)))
+            scored = predict_batch(run, arrays, [chunk[i] for i in readable], device) if arrays else []
+            for offset, array, prediction in zip(readable, arrays, scored):
+                if save_images:
+                    name = names[start + offset]
+                    full_map = prediction.anomaly_map
+                    heat_scale = scale_max if scale_max is not None else float(full_map.max())
+                    atomic_write_bytes(staging / "heatmaps" / f"{name}.png",
+                                       png_bytes(overlay(to_rgb_u8(array), full_map, threshold, heat_scale)))
+                    if prediction.mask is not None:
+                        atomic_write_bytes(staging / "masks" / f"{name}_mask.png",
+                                           png_bytes(prediction.mask.astype(np.uint8) * 255))
+                prediction.anomaly_map = prediction.mask = None   # written; do not hold every map in memory
+                predictions.append(prediction)
+        order = {path: i for i, path in enumerate(paths)}
+        predictions.sort(key=lambda p: order[p.path])
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(CSV_COLUMNS)
+        for p in predictions:
+            writer.writerow([str(p.path), "" if p.error else f"{p.score:.6g}",
+                             "" if p.normalized_score is None else f"{p.normalized_score:.4f}", p.label,
+                             p.error or ""])
+        atomic_write_text(staging / CSV_NAME, buffer.getvalue())
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return predictions

@@ -26,7 +26,7 @@ from distillad.engine.calibrate import fit_normal_statistics
 from distillad.errors import RunError
 from distillad.io import atomic_torch_save, atomic_write_json
 from distillad.methods import DistillationModel, build_model
-from distillad.methods.base import TrainingStage
+from distillad.methods.base import FitContext, TrainingStage
 from distillad.scoring import Calibration, make_scorer
 
 
@@ -124,7 +124,12 @@ def _try_resume_stage(run_dir: Path, index: int, stage: TrainingStage, model: Di
 def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
                device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
                log: Callable[[str], None]) -> dict[str, Any]:
-    """One optimisation stage: its own optimizer, schedule and step budget; returns its history."""
+    """One optimisation stage: its own optimizer, schedule and step budget; returns its history.
+
+    A fit stage (`stage.fit`, e.g. PatchCore's memory bank) gets one pass over the training images instead: no
+    optimizer (a model without trainable parameters must not make one), no gradients, one history entry."""
+    if stage.is_fit:
+        return _run_fit_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
     batch_size = min(config.batch_size, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
     # BatchNorm cannot train on a batch of one: drop a trailing single image.
@@ -172,6 +177,42 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
                 f"{history[-1]['seconds']:.0f} s")
     bar.close()
     return {"name": stage.name, "epochs": epochs, "seconds": time.perf_counter() - start, "history": history}
+
+
+def _run_fit_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
+                   device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """A non-gradient stage: `stage.fit` sees every training image once, in dataset order, in batches of the run's
+    batch size, on its device, with the model in eval mode and no autograd; its time is the stage's time."""
+    batch_size = min(config.batch_size, len(train_set))
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
+    log(f"{prefix}one pass over {len(train_set)} images, batch {batch_size} (no optimizer)")
+    bar = tqdm(total=len(loader), disable=not progress, unit="batch", dynamic_ncols=True, desc=stage.name)
+    start = time.perf_counter()
+
+    def batches():
+        seen = 0
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield images
+            seen += images.shape[0]
+            bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.1f}")
+            bar.update(1)
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = stage.fit(FitContext(batches=batches(), n_images=len(train_set), seed=config.seed, device=device,
+                                          progress=progress, log=log)) or {}
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    entry = {"epoch": 1, "train_loss": float(result.get("train_loss", float("nan"))), "seconds": seconds}
+    entry.update({key: value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+                  for key, value in result.items() if key not in entry})
+    log(f"  {stage.name}: " + ", ".join(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.4g}"
+                                         for key, value in entry.items() if key != "epoch"))
+    return {"name": stage.name, "epochs": 1, "seconds": seconds, "history": [entry]}
 
 
 def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,

@@ -11,6 +11,7 @@ from typing import Any
 from distillad.methods.aand import AAND, AANDOptions
 from distillad.methods.base import METHODS, DistillationModel, MethodOptions, method_class, register_method
 from distillad.methods.dskd import DSKD, DSKDOptions
+from distillad.methods.patchcore import PatchCore, PatchCoreOptions
 from distillad.methods.rd import RDOptions, ReverseDistillation
 from distillad.methods.stfpm import STFPM, STFPMOptions
 
@@ -22,5 +23,6 @@ def build_model(method: str, backbone: str, options: dict[str, Any] | None = Non
     return cls(backbone, cls.options_class.from_dict(options), pretrained=pretrained, weights=weights)
 
 
-__all__ = ["AAND", "AANDOptions", "DSKD", "DSKDOptions", "METHODS", "DistillationModel", "MethodOptions", "RDOptions",
-           "ReverseDistillation", "STFPM", "STFPMOptions", "build_model", "method_class", "register_method"]
+__all__ = ["AAND", "AANDOptions", "DSKD", "DSKDOptions", "METHODS", "DistillationModel", "MethodOptions", "PatchCore",
+           "PatchCoreOptions", "RDOptions", "ReverseDistillation", "STFPM", "STFPMOptions", "build_model",
+           "method_class", "register_method"]

@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FeaturePairs = list[list[tuple[torch.Tensor, torch.Tensor]]]
 
 # Options that only shape the anomaly map from a trained model: they may change at test time without retraining.
-MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma", "map_norm", "score_topk")
+MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma", "map_norm", "position_norm", "score_topk")
 
 
 @dataclass
@@ -36,12 +36,15 @@ class MethodOptions:
     # Each student's and level's map rescaled by quantiles of its values on defect-free validation images before
     # fusion: none | quantile ((m - q90) / (q99.5 - q90), so 0 is typical and 1 rare for normal images)
     map_norm: str = "none"
+    # none | max: subtract, position by position, the largest value the (blurred) map takes there on the
+    # validation images, so places that are busy on every normal image (edges, borders) stop deciding the score
+    position_norm: str = "none"
     score_topk: float = 0.0                       # image score: 0 = max of the map; f > 0 = mean of its top f share
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None, source: str = "option") -> MethodOptions:
+    def from_dict(cls, values: dict[str, Any] | None, source: str = "method options") -> MethodOptions:
         """Options from a mapping, every value checked against its declared type, then `validate()`d."""
-        options = cls(**typed_values(cls, dict(values or {}), source))
+        options = cls(**typed_values(cls, dict(values or {}), source, what="option"))
         options.validate()
         return options
 
@@ -61,6 +64,7 @@ class MethodOptions:
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_choice("map_norm", self.map_norm, ("none", "quantile"))
+        check_choice("position_norm", self.position_norm, ("none", "max"))
         if not 0.0 <= self.score_topk < 1.0:
             raise ConfigError(f"score_topk must be in [0, 1), got {self.score_topk}")
 
@@ -71,23 +75,56 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 @dataclass
-class TrainingStage:
-    """One optimisation stage of a method. Single-stage methods have one ("distill"); AAND has two.
+class FitContext:
+    """What a non-gradient stage's `fit` receives: one pass over the clean training images.
 
-    `loss(images, teacher)` gets a batch of clean training images in [0,1] and, when `cache_teacher` is set, the
-    model's `teacher_features` of those images computed once at the start of the stage (else None).
-    `optimizer` of None means the run config's; the stage trains for the run's length times `length_ratio`
-    (AAND's recipe: 100 amplification epochs for 120 distillation epochs); `on_train` runs after model.train()
-    each epoch (to keep frozen parts in eval mode).
+    `batches` yields (B,3,H,W) images in [0,1], on the run's device and memory format, `n_images` in all, in dataset
+    order (the engine's progress bar advances with it). `seed` is the run's seed: seed anything random with it.
+    `progress` says whether the run shows progress bars (a long fit may show its own); `log` is the run's log."""
+
+    batches: Iterable[torch.Tensor]
+    n_images: int
+    seed: int
+    device: torch.device
+    progress: bool = False
+    log: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class TrainingStage:
+    """One training stage of a method. Single-stage methods have one ("distill"); AAND has two.
+
+    A gradient stage has a `loss`: `loss(images, teacher)` gets a batch of clean training images in [0,1] and, when
+    `cache_teacher` is set, the model's `teacher_features` of those images computed once at the start of the stage
+    (else None); `parameters` are what it optimises. `optimizer` of None means the run config's; the stage trains
+    for the run's length times `length_ratio` (AAND's recipe: 100 amplification epochs for 120 distillation
+    epochs); `on_train` runs after model.train() each epoch (to keep frozen parts in eval mode).
+
+    A fit stage has a `fit` instead (no loss, no optimizer, no gradients: a memory bank, statistics):
+    `fit(context)` gets one pass over the training images (`FitContext`), with the model in eval mode under
+    torch.no_grad(), and returns numbers for the history; its "train_loss" is what the run reports as the final
+    training loss (NaN when absent).
     """
 
     name: str
-    parameters: Callable[[], Iterable[nn.Parameter]]
-    loss: Callable[[torch.Tensor, list[torch.Tensor] | None], torch.Tensor]
+    parameters: Callable[[], Iterable[nn.Parameter]] | None = None
+    loss: Callable[[torch.Tensor, list[torch.Tensor] | None], torch.Tensor] | None = None
     cache_teacher: bool = True
     optimizer: Any = None
     length_ratio: float = 1.0
     on_train: Callable[[nn.Module], None] = lambda model: None
+    fit: Callable[[FitContext], dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.fit is None):
+            raise ValueError(f"training stage {self.name!r} needs exactly one of `loss` (a gradient stage) "
+                             "and `fit` (a one-pass, non-gradient stage)")
+        if self.loss is not None and self.parameters is None:
+            raise ValueError(f"training stage {self.name!r} has a loss but no parameters to optimise")
+
+    @property
+    def is_fit(self) -> bool:
+        return self.fit is not None
 
 
 class DistillationModel(nn.Module):

@@ -72,11 +72,14 @@ class AnomalyScorer(nn.Module):
         self.level_fusion = options.level_fusion
         self.student_fusion = options.student_fusion
         self.map_norm = options.map_norm
+        self.position_norm = options.position_norm
         self.score_topk = options.score_topk
         self.blur = GaussianBlur(options.sigma)
         # Per (student, level): the low and high quantile of the map on defect-free validation images (map_norm).
         self.register_buffer("norm_low", torch.zeros(0, 0))
         self.register_buffer("norm_high", torch.zeros(0, 0))
+        # position_norm: the per-position maximum of the validation maps at POSITION_GRID x POSITION_GRID
+        self.register_buffer("position_reference", torch.zeros(0, 0))
 
     def set_map_statistics(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Install the (students, levels) quantiles fitted by `fit_map_statistics`."""
@@ -102,7 +105,12 @@ class AnomalyScorer(nn.Module):
         # Checked on every student's and level's raw map: what map options and normalisation are computed from.
         return fold_batchnorm(self, lambda scorer: tuple(m for maps in scorer.raw_maps(probe) for m in maps))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def set_position_reference(self, reference: torch.Tensor) -> None:
+        """Install the (POSITION_GRID, POSITION_GRID) per-position reference fitted on validation maps."""
+        self.position_reference = reference.detach().float().to(self.norm_low.device)
+
+    def normal_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The blurred, fused map before the per-position reference is subtracted (B,H,W)."""
         per_student = []
         for s, maps in enumerate(self.raw_maps(images)):
             if self.map_norm == "quantile":
@@ -111,12 +119,41 @@ class AnomalyScorer(nn.Module):
                 maps = [(m - self.norm_low[s, l]) / (self.norm_high[s, l] - self.norm_low[s, l])
                         for l, m in enumerate(maps)]
             per_student.append(fuse(maps, self.level_fusion))
-        anomaly_map = self.blur(fuse(per_student, self.student_fusion))
-        flat = anomaly_map.flatten(1)
-        if self.score_topk > 0:
-            k = max(1, int(round(self.score_topk * flat.shape[1])))
-            return anomaly_map, flat.topk(k, dim=1).values.mean(dim=1)
-        return anomaly_map, flat.amax(dim=1)
+        return self.blur(fuse(per_student, self.student_fusion))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        anomaly_map = self.normal_map(images)
+        if self.position_norm == "max":
+            if self.position_reference.numel() == 0:
+                raise RuntimeError("position_norm=max needs the validation reference (set_position_reference)")
+            anomaly_map = anomaly_map - upsample(self.position_reference[None], anomaly_map.shape[-2:])
+        return anomaly_map, image_score(anomaly_map, self.score_topk)
+
+
+def image_score(anomaly_map: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
+    """(B,H,W) maps -> (B,) scores: the maximum, or with topk = f > 0 the mean of the top f share of pixels."""
+    flat = anomaly_map.flatten(1)
+    if topk > 0:
+        k = max(1, int(round(topk * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    return flat.amax(dim=1)
+
+
+POSITION_GRID = 64
+
+
+def position_references(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From validation maps (N,H,W): the per-position maximum on the POSITION_GRID grid, and each image's
+    leave-one-out reference (N,GRID,GRID), the maximum over the *other* images, for an honest threshold."""
+    pooled = F.adaptive_avg_pool2d(maps[:, None], POSITION_GRID)[:, 0]
+    top = pooled.topk(min(2, pooled.shape[0]), dim=0)
+    reference = top.values[0]
+    if pooled.shape[0] < 2:
+        return reference, reference[None]
+    owner = top.indices[0]
+    index = torch.arange(pooled.shape[0])[:, None, None]
+    leave_one_out = torch.where(owner[None] == index, top.values[1][None], top.values[0][None])
+    return reference, leave_one_out
 
 
 def make_scorer(model: DistillationModel, *, channels_last: bool, image_size: int,
