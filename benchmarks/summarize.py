@@ -35,6 +35,10 @@ TABLES = (
     ("DSKD teachers", "dskd", ("dskd", "dskd_lite1", "dskd_lite2")),
     ("AAND and its amplification ablation, against RD with the same teacher and DSKD", "aand",
      ("aand", "aand_no_amplify", "rd", "dskd")),
+    ("How DSKD's maps become an image score (benchmarks/study256.yaml: the same trained models)", "dskd",
+     ("dskd", "dskd_norm", "dskd_top1", "dskd_norm_top1", "dskd_norm_max", "dskd_pos", "dskd_norm_pos",
+      "dskd_pos_score", "dskd_norm_pos_score")),
+    ("The training-free reference against default DSKD", "dskd", ("dskd", "patchcore")),
 )
 
 

@@ -43,12 +43,16 @@ def max_margin(margin: float) -> Callable[[np.ndarray], float]:
 
 
 RULES: dict[str, Callable[[np.ndarray], float]] = {
+    "mean+2std": mean_std(2.0),
+    "mean+2.5std": mean_std(2.5),
     "mean+3std (default)": mean_std(3.0),
     "mean+4std": mean_std(4.0),
     "gumbel p=0.01": gumbel(0.01),
     "gumbel p=0.001": gumbel(0.001),
     "q95 + 1.0 (q95-median)": quantile_margin(0.95, 1.0),
     "max + 0.25 range": max_margin(0.25),
+    "max": max_margin(0.0),
+    "gumbel p=0.05": gumbel(0.05),
 }
 
 
@@ -69,7 +73,7 @@ def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[flo
 def validation_scores(cell: dict, cell_dir: Path) -> np.ndarray:
     import distillad
     from distillad.data import ImageDataset, Sample
-    from distillad.engine.inference import score_dataset
+    from distillad.engine.calibrate import fit_normal_statistics
 
     run_dir = Path(cell["run_dir"])
     saved = json.loads((run_dir / "meta.json").read_text())["config"]["options"]
@@ -78,8 +82,10 @@ def validation_scores(cell: dict, cell_dir: Path) -> np.ndarray:
     run = distillad.load(run_dir, map_options=changed or None)
     files = [Path(p) for p in run.meta["data"]["val_files"]]
     dataset = ImageDataset([Sample(p, 0, "good", None) for p in files], run.image_size)
-    _, scores = score_dataset(run.scorer, dataset, keep_maps=False)
-    return scores.astype(np.float64)
+    # the scores calibration itself sees (leave-one-out under position_norm, where a validation image scored
+    # against a reference that contains it would be <= 0)
+    _, _, scores = fit_normal_statistics(run.scorer, dataset, threshold_k=3.0, batch_size=16, device="cpu")
+    return np.asarray(scores, dtype=np.float64)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,10 +88,15 @@ def test_run_folder_round_trip(tiny_run):
     images = torch.rand(2, 3, 64, 64)
     result.model.eval()
     with torch.no_grad():
+        from distillad.engine.calibrate import apply_map_statistics
         from distillad.scoring import AnomalyScorer
 
-        expected = AnomalyScorer(result.model)(images)[1]
-        assert torch.allclose(run.scorer(images)[1], expected, atol=1e-6)
+        scorer = AnomalyScorer(result.model)
+        apply_map_statistics(scorer, meta["map_statistics"])    # DSKD's default position_norm=score reference
+        assert scorer.position_reference.abs().sum() > 0
+        expected_maps, expected_scores = scorer(images)
+        maps, scores = run.scorer(images)
+        assert torch.allclose(maps, expected_maps, atol=1e-6) and torch.allclose(scores, expected_scores, atol=1e-6)
     assert run.calibration == result.calibration
 
 
@@ -101,7 +107,7 @@ def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
         saved = load_run(run_dir)
         same = load_run(run_dir, map_options={"student_fusion": "mean", "sigma": 4.0})
         assert same.calibration == saved.calibration                  # nothing changed: the threshold still holds
-        maximum = load_run(run_dir, map_options={"student_fusion": "max", "sigma": 0})
+        maximum = load_run(run_dir, map_options={"student_fusion": "max", "sigma": 0, "position_norm": "none"})
         assert maximum.config.options["student_fusion"] == "max"
         # by hand: the unblurred per-student maps, their pixel-wise maximum
         from distillad.scoring.maps import fuse, level_maps, upsample
@@ -126,7 +132,9 @@ def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
     meta["data"]["val_files"] = [str(tmp_path / "gone.png")]
     (moved / META_FILE).write_text(json.dumps(meta))
     (moved / MODEL_FILE).write_bytes((run_dir / MODEL_FILE).read_bytes())
-    assert load_run(moved, map_options={"sigma": 0}).calibration is None
+    assert load_run(moved, map_options={"sigma": 0, "position_norm": "none"}).calibration is None
+    with pytest.raises(RunError, match="validation images"):     # the position reference must be refitted too
+        load_run(moved, map_options={"sigma": 0})
     with pytest.raises(RunError, match="need the run.s defect-free validation images"):
         load_run(moved, map_options={"map_norm": "quantile"})
     with pytest.raises(ValueError, match="new training run"):
@@ -144,7 +152,8 @@ def test_quantile_map_normalisation_by_hand(tiny_run):
     from distillad.scoring.maps import fuse
 
     run_dir, _, data = tiny_run
-    run = load_run(run_dir, map_options={"map_norm": "quantile", "sigma": 0, "score_topk": 0.01})
+    run = load_run(run_dir, map_options={"map_norm": "quantile", "sigma": 0, "score_topk": 0.01,
+                                         "position_norm": "none"})
     val = torch.stack([ImageDataset(data.val, 64)[i]["image"] for i in range(len(data.val))])
     with torch.no_grad():
         raw_val = run.scorer.raw_maps(val)
@@ -164,7 +173,9 @@ def test_quantile_map_normalisation_by_hand(tiny_run):
     k = round(0.01 * 64 * 64)
     assert torch.allclose(scores, expected.flatten(1).float().topk(k, dim=1).values.mean(1), atol=1e-4)
     meta = json.loads((run_dir / META_FILE).read_text())
-    assert meta["map_statistics"] is None and len(meta["calibration_scores"]) == len(data.val)
+    # trained with DSKD's defaults: no quantiles, the position reference of position_norm=score
+    assert set(meta["map_statistics"]) == {"position_reference"}
+    assert len(meta["calibration_scores"]) == len(data.val)
 
 
 def test_existing_run_is_never_overwritten(tiny_run, tiny_category):
@@ -225,7 +236,8 @@ def test_evaluate_and_predict(tiny_run, tiny_category, tmp_path):
 
 
 def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_category, tmp_path, monkeypatch):
-    """An interrupted two-stage run restarts at stage 2 with stage 1's weights, and cleans up when done."""
+    """An interrupted two-stage run resumes (only when asked) at stage 2 with stage 1's weights, and cleans up."""
+    from distillad.engine.resume import CHECKPOINT_FILE, work_dir
     from distillad.methods import DSKD
     from distillad.methods.base import TrainingStage
 
@@ -257,14 +269,17 @@ def test_multi_stage_training_resumes_after_the_last_finished_stage(tiny_categor
     with pytest.raises(KeyboardInterrupt):
         train_run(config, data, run_dir, progress=False, log=lambda _: None)
     first_calls = calls["first"]
-    assert first_calls > 0 and (run_dir / "stages" / "1_first.pt").is_file()
-    saved = torch.load(run_dir / "stages" / "1_first.pt", weights_only=True)
+    checkpoint = work_dir(run_dir) / CHECKPOINT_FILE
+    assert first_calls > 0 and checkpoint.is_file() and not run_dir.exists()
+    saved = torch.load(checkpoint, weights_only=True)["model"]
     fail["second"] = False
+    with pytest.raises(RunError, match="pass --resume"):      # an interrupted training is never discarded silently
+        train_run(config, data, run_dir, progress=False, log=lambda _: None)
     messages = []
-    result = train_run(config, data, run_dir, progress=False, log=messages.append)
+    train_run(config, data, run_dir, progress=False, resume=True, log=messages.append)
     assert calls["first"] == first_calls            # not retrained
-    assert any("resumed" in m for m in messages)
-    assert not (run_dir / "stages").exists() and (run_dir / META_FILE).is_file()
+    assert any("resuming" in m for m in messages)
+    assert not work_dir(run_dir).exists() and (run_dir / META_FILE).is_file()
     meta = json.loads((run_dir / META_FILE).read_text())
     assert [s["name"] for s in meta["training"]["stages"]] == ["first", "second"]
     # stage 2 started from stage 1's trained students, not from a fresh model (the frozen teacher proves nothing)
@@ -322,3 +337,22 @@ def test_position_norm_subtracts_the_validation_maximum_and_calibrates_leave_one
         loo = [(normal[i] - upsample(torch.cat([pooled[:i], pooled[i + 1:]]).amax(0)[None], (64, 64))[0]).max()
                for i in range(len(normal))]
     assert run.calibration == calibrate(torch.stack(loo).numpy(), k=run.config.threshold_k)
+
+
+def test_position_norm_score_keeps_the_map_and_scores_its_excess(tiny_run):
+    from distillad.engine.predict import predict_batch
+
+    run_dir, _, _ = tiny_run
+    excess_run = load_run(run_dir, map_options={"position_norm": "max"})
+    score_run = load_run(run_dir, map_options={"position_norm": "score"})
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        excess_maps, excess_scores = excess_run.scorer(images)
+        maps, scores = score_run.scorer(images)
+        assert torch.allclose(maps, score_run.scorer.normal_map(images))          # the map is left as it is
+        assert torch.allclose(scores, excess_scores)                              # the score is the excess's max
+        assert torch.allclose(score_run.scorer.decision_map(maps), excess_maps, atol=1e-6)
+    assert score_run.calibration == excess_run.calibration                       # same leave-one-out scores
+    arrays = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image in images]
+    for prediction in predict_batch(score_run, arrays, [None] * 3):
+        assert prediction.mask.any() == prediction.is_defective

@@ -176,3 +176,11 @@ def test_position_references_leave_each_image_out():
     assert leave_one_out[0, 0, 0] == 3.0 and leave_one_out[0, 10, 10] == 7.0      # image 0 held out
     assert leave_one_out[1, 0, 0] == 5.0                                           # image 1 did not set it
     assert leave_one_out[2, 10, 10] == 0.0 and leave_one_out[2, 0, 0] == 5.0      # image 2 held out
+
+
+def test_position_references_of_a_single_image_are_zero():
+    from distillad.scoring.maps import POSITION_GRID, position_references
+
+    reference, leave_one_out = position_references(torch.full((1, POSITION_GRID, POSITION_GRID), 4.0))
+    assert reference.abs().sum() == 0 and leave_one_out.shape == (1, POSITION_GRID, POSITION_GRID)
+    assert leave_one_out.abs().sum() == 0          # scored as the plain map: not against itself (always <= 0)

@@ -38,9 +38,13 @@ class Run:
     Get one from `distillad.train(...)` or `distillad.load(run_dir)`.
     """
 
-    def __init__(self, loaded: LoadedRun, device: str | torch.device = "cpu") -> None:
+    def __init__(self, loaded: LoadedRun, device: str | torch.device = "cpu", *, inference: LoadedRun | None = None,
+                 runtime: str = "torch") -> None:
         self._loaded = loaded
         self.device = torch.device(device)
+        # What predict and evaluate call: the torch scorer, or the same graph exported to another runtime
+        self._inference = inference or loaded
+        self.runtime = runtime
 
     # -- what the run is ----------------------------------------------------------------------------------------
     @property
@@ -85,7 +89,7 @@ class Run:
     def __repr__(self) -> str:
         threshold = "uncalibrated" if self.threshold is None else f"threshold {self.threshold:.4g}"
         return (f"Run({str(self.run_dir)!r}, method={self.method!r}, backbone={self.config.backbone!r}, "
-                f"image_size={self.image_size}, {threshold})")
+                f"image_size={self.image_size}, {threshold}, runtime={self.runtime!r})")
 
     # -- using it -----------------------------------------------------------------------------------------------
     def predict(self, images: ImageInput | Iterable[ImageInput], *, batch_size: int = 8) -> list[Prediction]:
@@ -109,7 +113,7 @@ class Run:
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
             arrays = [decode_image(source) for _, source in chunk]
-            predictions.extend(predict_batch(self._loaded, arrays, [path for path, _ in chunk], self.device))
+            predictions.extend(predict_batch(self._inference, arrays, [path for path, _ in chunk], self.device))
         return predictions
 
     def predict_to_folder(self, inputs: ImageInput | Iterable[ImageInput], out: str | os.PathLike, *,
@@ -117,7 +121,7 @@ class Run:
                           progress: bool = False) -> list[Prediction]:
         """`distillad predict`: score files/folders and write predictions.csv, heatmaps/ and masks/ into `out`."""
         paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-        return predict_paths(self._loaded, paths, out, batch_size=batch_size, device=self.device,
+        return predict_paths(self._inference, paths, out, batch_size=batch_size, device=self.device,
                              overwrite=overwrite, save_images=save_images, progress=progress)
 
     def evaluate(self, data: DataInput, *, batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
@@ -125,29 +129,46 @@ class Run:
         detection rates on the labelled test split of `data` (an MVTec-layout folder or a CategorySplit)."""
         split = data if isinstance(data, CategorySplit) else load_category(
             Path(data), val_fraction=self.config.val_fraction, seed=self.config.seed)
-        result = evaluate_split(self.scorer, split, self.image_size, batch_size=batch_size, device=self.device,
-                                calibration=self.calibration, progress=progress)
+        result = evaluate_split(self._inference.scorer, split, self.image_size, batch_size=batch_size,
+                                device=self.device, calibration=self.calibration, progress=progress)
         result.update({"method": self.method, "backbone": self.config.backbone, "run": str(self.run_dir),
-                       "options": self.config.options})
+                       "options": self.config.options, "runtime": self.runtime})
         return result
 
 
 def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-         map_options: dict[str, Any] | None = None) -> Run:
+         map_options: dict[str, Any] | None = None, runtime: str = "torch", threads: int = 2,
+         log: Any = None) -> Run:
     """Load a trained run folder (model.pt with weights_only=True, meta.json). `map_options` evaluates the same
-    model with another map rule (level_fusion, student_fusion, sigma); its saved threshold is then dropped."""
-    return Run(load_run(run_dir, device, map_options=map_options), device)
+    model with another map rule (level_fusion, student_fusion, sigma); its saved threshold is then dropped.
+
+    `runtime` runs predict and evaluate on "onnxruntime" or "openvino" (`threads` threads, no spinning): the
+    scorer exported to ONNX once (cached, see `distillad.deploy.runtime_switch.cache_dir`) and checked against torch on
+    the run's validation images; "auto" takes onnxruntime when installed and falls back to torch (said to `log`).
+    """
+    loaded = load_run(run_dir, device, map_options=map_options)
+    if runtime == "torch" or (runtime == "auto" and torch.device(device).type != "cpu"):
+        return Run(loaded, device)
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"runtime {runtime} runs on the CPU; use --device cpu or --runtime torch")
+    from distillad.deploy.runtime_switch import with_runtime
+
+    inference, chosen = with_runtime(loaded, runtime, threads=threads, log=log)
+    return Run(loaded, device, inference=inference, runtime=chosen)
 
 
 def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
           config: str | os.PathLike | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
-          overwrite: bool = False, progress: bool = True, log: Any = print, **settings: Any) -> Run:
+          overwrite: bool = False, resume: bool = False, progress: bool = True, log: Any = print,
+          **settings: Any) -> Run:
     """Train on the defect-free images of `data` and return the loaded run saved in `out`.
 
     `data` is an MVTec-layout category folder, a plain folder of defect-free images, or a CategorySplit.
     Settings are merged as the method's recipe < `config` (a YAML file or a dict) < keyword `settings`
     (any TrainConfig field: epochs, steps, image_size, batch_size, seed, device, val_fraction, threshold_k, ...)
     < `options` (method switches, e.g. {"student_fusion": "max"}).
+    `resume` continues an interrupted training of `out` (same settings and data) from its last epoch checkpoint,
+    to the weights an uninterrupted run would have; `overwrite` replaces a finished run in `out`.
 
     >>> run = distillad.train("data/bottle", out="runs/bottle", epochs=2)
     """
@@ -158,5 +179,5 @@ def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
     resolved = resolve_config(file_values=file_values, overrides=overrides)
     split = data if isinstance(data, CategorySplit) else load_category(
         Path(data), val_fraction=resolved.val_fraction, seed=resolved.seed)
-    train_run(resolved, split, out, progress=progress, overwrite=overwrite, log=log)
+    train_run(resolved, split, out, progress=progress, overwrite=overwrite, resume=resume, log=log)
     return load(out, device=resolved.device)

@@ -1,20 +1,23 @@
-"""Command line: `distillad train | test | predict | demo | speed | benchmark | anomalies`.
+"""Command line: `distillad train | test | predict | demo | speed | benchmark | anomalies | export | serve`.
 
 Each command is a thin layer over the Python API (`distillad.train`, `distillad.load`, `Run.evaluate`, ...).
 Every user-facing failure (a DistilladError: bad data, missing weights, unfinished run, bad setting; or an OS error
 on a path the user gave) ends in one line naming the file and the problem, exit code 2. Anything else is a bug and
 keeps its traceback; DISTILLAD_DEBUG=1 shows the traceback for user errors too.
+
+Why one module of this length: it is mostly the argument declarations of nine commands, whose help texts are the
+CLI's documentation; every handler is a few lines over the API.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from distillad.errors import ConfigError, DistilladError
 
@@ -36,12 +39,19 @@ def _parse_option(text: str) -> tuple[str, Any]:
                                          "(quote strings, write lists as [2,3])") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (exit 2) pointing at --help, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distillad import __version__
     from distillad.backbones import BACKBONE_NAMES
     from distillad.methods import METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="distillad",
         description="Unsupervised visual anomaly detection by teacher-student knowledge distillation.")
     parser.add_argument("--version", action="version", version=f"distillad {__version__}")
@@ -74,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
     train.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                        help="a method switch, e.g. --option df_input=teacher --option levels=[2,3]")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run in --out (or start an interrupted training over)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted training of --out from its last epoch checkpoint (same "
+                            "settings and data: ends with the weights of an uninterrupted run); starts when none")
     common(train)
 
     test = commands.add_parser("test", help="evaluate a run on a labelled test split",
@@ -87,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "and the worst false alarms and missed defects (needs matplotlib; DIR must be new, "
                            "empty or an earlier report)")
     test.add_argument("--batch-size", type=int, default=16)
+    test.add_argument("--allow-missing-masks", action="store_true",
+                      help="keep defective test images without a ground-truth mask (image-level metrics only)")
     test.add_argument("--option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                       help="evaluate with another map option (level_fusion, student_fusion, sigma, map_norm, "
                            "position_norm, score_topk) without retraining; its threshold is then fitted again on "
                            "the run's defect-free validation images")
+    test.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default="torch",
+                      help="what runs the scorer: torch (default), or its ONNX export (checked against torch) on "
+                           "onnxruntime or OpenVINO; auto: onnxruntime when installed")
     common(test)
 
     predict = commands.add_parser("predict", help="score images with a trained run",
@@ -101,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--no-images", action="store_true", help="only the CSV, no heatmaps or masks")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing predictions.csv in --out")
+    predict.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default="auto",
+                         help="what runs the scorer (default auto: onnxruntime when installed and in agreement with "
+                              "torch on the run's validation images, else torch; the graph is exported once and "
+                              "cached). Same labels on every runtime")
     common(predict)
 
     demo = commands.add_parser("demo", help="generate a synthetic inspection set, train DSKD, test and predict",
@@ -134,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep BatchNorm separate from the convolutions (predict folds them; this measures that)")
     speed.add_argument("--in-process", action="store_true",
                        help="measure in this process (peak memory then includes everything the process did)")
+    speed.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                       help="time the scorer on torch (default) or its ONNX export on onnxruntime / OpenVINO "
+                            "(--threads threads, no spinning)")
 
     bench = commands.add_parser(
         "benchmark", help="train and test variants x categories x seeds; write results.csv and results.md",
@@ -180,6 +206,43 @@ def build_parser() -> argparse.ArgumentParser:
                                 "uses 0.8)")
     common(anomalies)
 
+    export = commands.add_parser(
+        "export", help="export a run to one ONNX (or OpenVINO) graph: images -> anomaly map and score",
+        description="Writes the scorer predict uses (map options included) as one graph with a dynamic batch, "
+                    "input (B,3,S,S) float in [0,1], outputs anomaly_map (B,S,S) and score (B); the contract "
+                    "(input size, method, teacher, threshold, score normalisation, version) goes into the ONNX "
+                    "metadata and a sidecar JSON (OUT.json). Checked against torch before it is written.")
+    export.add_argument("--run", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="model file: .onnx, or .xml for --format openvino")
+    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx", dest="export_format")
+    export.add_argument("--int8", action="store_true",
+                        help="static int8 convolutions calibrated on --calibration-data; the threshold is refitted "
+                             "on the quantized model and the accuracy change reported")
+    export.add_argument("--calibration-data", type=Path, default=None, metavar="DIR",
+                        help="defect-free images (a folder, or a category whose train/good is used; a category's "
+                             "test split also reports the AUROC change)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common(export)
+
+    serve = commands.add_parser(
+        "serve", help="serve a run or an exported model over HTTP (FastAPI + uvicorn, no torch in the server)",
+        description="POST /predict (multipart images -> score, normalised score, label, optional heatmap and mask "
+                    "PNGs), GET /health, GET /metadata, and an upload page at /. A --run is exported first (cached); "
+                    "the server process itself never imports torch.")
+    serve_source = serve.add_mutually_exclusive_group(required=True)
+    serve_source.add_argument("--run", type=Path, help="a trained run folder (exported to ONNX, cached)")
+    serve_source.add_argument("--model", type=Path, help="an exported model (.onnx, or .xml with --runtime openvino)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    serve.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime")
+    serve.add_argument("--threads", type=int, default=2, dest="runtime_threads",
+                       help="inference threads per worker (default 2)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted request body (default 20 MB)")
+    serve.add_argument("--max-pixels", type=int, default=50_000_000,
+                       help="largest accepted image in pixels (default 50 million)")
+    serve.set_defaults(threads=None)
+
     return parser
 
 
@@ -194,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lr is not None:
         settings["optimizer"] = {"lr": args.lr}
     distillad.train(args.data, out=args.out, method=args.method, config=args.config, options=dict(args.option),
-                    overwrite=args.overwrite, progress=not args.no_progress, **settings)
+                    overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, **settings)
     return 0
 
 
@@ -203,13 +266,25 @@ def cmd_test(args: argparse.Namespace) -> int:
     from distillad.engine.inference import format_metrics
     from distillad.io import atomic_write_json
 
+    from distillad.engine.preflight import check_output_file
+
     report = None
-    if args.report is not None:  # refuse before the evaluation, not after it
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json is not None:  # refuse before the evaluation, not after it
+        check_output_file(args.json, "--json")
+    if args.report is not None:
         from distillad import report
 
         report.require_matplotlib()
         report.check_report_dir(args.report)
-    run = distillad.load(args.run, device=args.device or "cpu", map_options=dict(args.option))
+    run = distillad.load(args.run, device=args.device or "cpu", map_options=dict(args.option), runtime=args.runtime,
+                         threads=args.threads or 2, log=lambda text: print(text, file=sys.stderr))
+    if args.allow_missing_masks:
+        from distillad.data import load_category
+
+        args.data = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed,
+                                  require_masks=False)
     maps = None
     if report is not None:  # the same evaluation, also keeping the maps for the report's pixel curves
         result, maps = report.evaluate_with_maps(run, args.data, batch_size=args.batch_size,
@@ -230,7 +305,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import distillad
 
-    run = distillad.load(args.run, device=args.device or "cpu")
+    if args.batch_size < 1:   # refuse before loading anything
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    run = distillad.load(args.run, device=args.device or "cpu", runtime=args.runtime, threads=args.threads or 2,
+                         log=lambda text: print(text, file=sys.stderr))
     predictions = run.predict_to_folder(args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
                                         save_images=not args.no_images, progress=not args.no_progress)
     defective = sum(p.label == "defective" for p in predictions)
@@ -246,7 +324,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from distillad.demo import run_demo
+    from distillad.engine.preflight import check_output_folder
 
+    check_output_folder(args.out)
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
     run_demo(args.out, epochs=args.epochs, device=args.device or "cpu", overwrite=args.overwrite,
              progress=not args.no_progress)
     return 0
@@ -260,10 +342,14 @@ def cmd_speed(args: argparse.Namespace) -> int:
         raise ConfigError("--backbone, --weights and --option describe a fresh model: use them with --method, not --run")
     if args.warmup < 0 or args.repeats < 1:
         raise ConfigError("--warmup must be >= 0 and --repeats >= 1")
+    if args.json is not None:
+        from distillad.engine.preflight import check_output_file
+
+        check_output_file(args.json, "--json")
     result = speed_report(run=args.run, method=args.method, backbone=args.backbone, options=dict(args.option),
                           weights=args.weights, image_size=args.image_size, threads=args.threads,
                           warmup=args.warmup, repeats=args.repeats, device=args.device or "cpu",
-                          isolate=not args.in_process, fold=not args.no_fold)
+                          isolate=not args.in_process, fold=not args.no_fold, runtime=args.runtime)
     print(format_report(result))
     if args.json:
         atomic_write_json(args.json, result)
@@ -276,7 +362,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     flags: dict[str, Any] = {"out": args.out, "methods": args.methods, "categories": args.categories,
                              "seeds": args.seeds, "variants": args.variants, "speed": False if args.no_speed else None}
+    from distillad.engine.preflight import check_output_folder
+
     spec = load_spec(args.spec, **flags) if args.spec else build_spec(None, **flags)
+    check_output_folder(spec.out)
     overrides = {"backbone": args.backbone, "epochs": args.epochs, "image_size": args.image_size,
                  "device": args.device}
     if args.dry_run:
@@ -295,8 +384,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_anomalies(args: argparse.Namespace) -> int:
     from distillad.data.anomalies import save_anomaly_grid
 
+    from distillad.engine.preflight import check_output_file
+
     if args.n < 1 or args.image_size < 8:
         raise ConfigError("--n must be >= 1 and --image-size >= 8")
+    if not 0.0 <= args.probability <= 1.0:
+        raise ConfigError(f"--probability must be in [0, 1], got {args.probability}")
+    if args.out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {args.out} must be a .png file")
+    check_output_file(args.out, "--out")
     foreground = "mask" if args.foreground_mask is not None and args.foreground == "auto" else args.foreground
     out = save_anomaly_grid(args.data, args.out, n=args.n, seed=args.seed, image_size=args.image_size,
                             texture_dir=args.texture_dir, foreground=foreground,
@@ -305,8 +401,55 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from distillad.deploy.export import export_run
+
+    export_run(args.run, args.out, fmt=args.export_format, int8=args.int8, calibration_data=args.calibration_data,
+               overwrite=args.overwrite, threads=args.threads or 2)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the arguments, export a --run (with torch, cached), then replace this process by the torch-free
+    server (`python -m distillad.deploy.serve`), so torch's memory and threads are gone while serving."""
+    if args.workers < 1 or args.runtime_threads < 1 or args.max_pixels < 1 or args.max_upload_mb <= 0:
+        raise ConfigError("--workers, --threads and --max-pixels must be >= 1 and --max-upload-mb > 0")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    from distillad.deploy.runtimes import require_runtime
+
+    require_runtime(args.runtime)
+    for package in ("fastapi", "uvicorn", "multipart"):
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"serve needs {package}: pip install 'distillad[serve]'")
+    model = args.model
+    if args.run is not None:
+        from distillad.deploy.runtime_switch import cached_onnx
+        from distillad.engine.checkpoint import load_run
+
+        model = cached_onnx(load_run(args.run))
+        print(f"serving {args.run} from its export {model}", flush=True)
+    elif not model.is_file():
+        raise ConfigError(f"--model {model} does not exist (write one with `distillad export`)")
+    command = [sys.executable, "-m", "distillad.deploy.serve", "--model", str(model), "--runtime", args.runtime,
+               "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+               "--threads", str(args.runtime_threads), "--max-bytes", str(int(args.max_upload_mb * 2**20)),
+               "--max-pixels", str(args.max_pixels)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+    return 0   # not reached: execv replaces the process
+
+
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "demo": cmd_demo, "speed": cmd_speed,
-            "benchmark": cmd_benchmark, "anomalies": cmd_anomalies}
+            "benchmark": cmd_benchmark, "anomalies": cmd_anomalies, "export": cmd_export, "serve": cmd_serve}
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a message quoting a file or a library may span several)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,12 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    warnings.formatwarning = lambda message, *_, **__: f"distillad {args.command}: warning: {message}\n"
     try:
         return COMMANDS[args.command](args)
     except (DistilladError, OSError) as error:
         if os.environ.get("DISTILLAD_DEBUG"):
             raise
-        print(f"distillad {args.command}: error: {error}", file=sys.stderr)
+        print(f"distillad {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,6 +14,9 @@ threshold (a pixel / image counts as "anomalous" when ``score >= threshold``).
   of all images, curve cut at ``fpr_limit`` by linear interpolation, trapezoid
   rule, divided by ``fpr_limit``.
 
+Why one module of this length: every metric shares the same exact tie-aware threshold sweep, and the protocol is
+easier to audit (against scikit-learn in tests/test_metrics.py) when it is read in one place.
+
 Undefined cases raise ``ValueError`` instead of returning NaN, so a broken
 evaluation cannot silently produce a number: AUROC needs both classes, F1-max
 needs at least one positive, AUPRO needs at least one ground-truth component

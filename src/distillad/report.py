@@ -6,6 +6,9 @@ the threshold), one PNG per worst case (image | heatmap | ground truth), `result
 the marker `.distillad-report`. A non-empty folder without that marker is never written into; a previous report is
 replaced. Plots need matplotlib (`pip install "distillad[report]"`), imported only here and drawn with Agg on
 Figure objects, so pyplot's global state is never touched.
+
+Why one module of this length: the plots, the worst-case panels and the page are one product read together; most
+of the lines are the page's HTML and the plot styling, with little logic to separate.
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ def _plot_cases(Figure: Any, run: Run, out: Path, kind: str, cases: list[dict[st
     """One PNG per case: image | heatmap overlay | ground truth (when there is a mask). Maps are computed here,
     for these few images only, through Run.predict."""
     from distillad.data.images import decode_image, read_mask_array
-    from distillad.engine.predict import overlay, to_rgb_u8
+    from distillad.heatmaps import overlay, to_rgb_u8
 
     names = []
     predictions = run.predict([Path(c["path"]) for c in cases], batch_size=batch_size)

@@ -4,6 +4,9 @@ Everything that both backbone families need lives here so that `resnet.py` and `
 import each other. Weight resolution is deliberately strict: a teacher that silently loads the wrong or a corrupted
 file produces plausible-looking but meaningless anomaly maps, so hashes and state-dict keys are checked and every
 failure names the file involved.
+
+Why one module of this length: specs, the feature-extractor base and weight resolution change together whenever a
+teacher family is added; split, each piece would import the others.
 """
 
 from __future__ import annotations

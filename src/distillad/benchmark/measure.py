@@ -118,8 +118,9 @@ def check_image_size(image_size: int, what: str = "image_size") -> None:
         raise ConfigError(f"{what} must be a positive multiple of 32, got {image_size}")
 
 
-def _timed_call(scorer: AnomalyScorer, images: torch.Tensor) -> float:
-    sync = torch.cuda.synchronize if images.device.type == "cuda" else (lambda: None)
+def _timed_call(scorer: Any, images: torch.Tensor | np.ndarray) -> float:
+    on_cuda = isinstance(images, torch.Tensor) and images.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     scorer(images)
@@ -129,7 +130,7 @@ def _timed_call(scorer: AnomalyScorer, images: torch.Tensor) -> float:
 
 def measure_speed(scorer: AnomalyScorer, *, image_size: int, threads: int = DEFAULT_THREADS,
                   warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS, batch_size: int = 16,
-                  batches: int = DEFAULT_BATCHES) -> dict[str, Any]:
+                  batches: int = DEFAULT_BATCHES, runtime: Any = None) -> dict[str, Any]:
     """Latency at batch 1, throughput at `batch_size`, parameters, GFLOPs and this process's peak RSS.
 
     - latency: median (also min, mean, p90) of `repeats` single-image calls after `warmup` untimed ones;
@@ -138,6 +139,8 @@ def measure_speed(scorer: AnomalyScorer, *, image_size: int, threads: int = DEFA
     - peak_rss_mb: peak of the *whole calling process* (VmHWM) — use `speed_report(isolate=True)` for a figure that
       holds only the model and its inference.
     `torch.set_num_threads(threads)` holds during the measurement; the previous setting is restored afterwards.
+    `runtime`: a `distillad.deploy` session running the scorer's export (numpy in and out), timed in its place;
+    parameters and GFLOPs are still counted on the torch scorer (the same network).
     """
     check_image_size(image_size)
     if threads < 1 or warmup < 0 or repeats < 1 or batch_size < 1 or batches < 1:
@@ -151,12 +154,16 @@ def measure_speed(scorer: AnomalyScorer, *, image_size: int, threads: int = DEFA
     try:
         single = torch.rand(1, 3, image_size, image_size, generator=generator).to(device)
         batch = torch.rand(batch_size, 3, image_size, image_size, generator=generator).to(device)
+        call = scorer
+        if runtime is not None:
+            single, batch = single.cpu().numpy(), batch.cpu().numpy()
+            call = runtime.run
         with torch.inference_mode():
             for _ in range(warmup):
-                _timed_call(scorer, single)
-            latencies = [_timed_call(scorer, single) * 1000.0 for _ in range(repeats)]
-            _timed_call(scorer, batch)
-            batch_seconds = [_timed_call(scorer, batch) for _ in range(batches)]
+                _timed_call(call, single)
+            latencies = [_timed_call(call, single) * 1000.0 for _ in range(repeats)]
+            _timed_call(call, batch)
+            batch_seconds = [_timed_call(call, batch) for _ in range(batches)]
         gflops = count_gflops(scorer, image_size)
     finally:
         torch.set_num_threads(previous_threads)
@@ -184,6 +191,7 @@ def measure_speed(scorer: AnomalyScorer, *, image_size: int, threads: int = DEFA
         "channels_last": scorer.memory_format == torch.channels_last,
         "device": str(device),
         "torch_version": torch.__version__,
+        "runtime": runtime.name if runtime is not None else "torch",
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         # 1-minute load average before and after: above the core count, other work inflated the timings

@@ -70,7 +70,7 @@ def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[st
     elif reusable_run(cell):
         log(f"    reusing the finished run in {cell.run_dir} (same config); evaluating only")
     else:
-        train_run(cell.config, data, cell.run_dir, progress=progress, overwrite=True,
+        train_run(cell.config, data, cell.run_dir, progress=progress, overwrite=True, resume=True,
                   log=lambda text: log(f"    {text}"))
     run = load_run(cell.run_dir, cell.config.device, map_options=cell.map_options)
     training = run.meta.get("training", {})

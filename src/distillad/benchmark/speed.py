@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distillad.benchmark.measure import (DEFAULT_REPEATS, DEFAULT_THREADS, DEFAULT_WARMUP, check_image_size,
                                          measure_speed)
 from distillad.errors import ConfigError, DataError, RunError, WeightsUnavailableError
@@ -102,8 +104,19 @@ def measure_here(request: dict[str, Any]) -> dict[str, Any]:
                                 backbone=request.get("backbone"), options=request.get("options"),
                                 weights=request.get("weights"), image_size=request.get("image_size"),
                                 device=request.get("device", "cpu"), fold=request.get("fold", True))
+    session = None
+    runtime = request.get("runtime", "torch")
+    if runtime != "torch":
+        from distillad.deploy.graph import export_model_proto, parity
+        from distillad.deploy.runtimes import open_session
+
+        session = open_session(export_model_proto(scorer, info["image_size"]).SerializeToString(), runtime,
+                               request["threads"])
+        rng = np.random.default_rng(0)
+        info["runtime_parity"] = parity(scorer, session, rng.random((2, 3, info["image_size"], info["image_size"]),
+                                                                     dtype=np.float32))
     result = measure_speed(scorer, image_size=info["image_size"], threads=request["threads"],
-                           warmup=request["warmup"], repeats=request["repeats"])
+                           warmup=request["warmup"], repeats=request["repeats"], runtime=session)
     return {**info, **result}
 
 
@@ -116,13 +129,15 @@ CHILD_ERRORS = {"ValueError": ConfigError, "ConfigError": ConfigError, "DataErro
 def speed_report(*, run: str | Path | None = None, method: str | None = None, backbone: str | None = None,
                  options: dict[str, Any] | None = None, weights: str | None = None, image_size: int | None = None,
                  threads: int = DEFAULT_THREADS, warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS,
-                 device: str = "cpu", isolate: bool = True, fold: bool = True) -> dict[str, Any]:
+                 device: str = "cpu", isolate: bool = True, fold: bool = True, runtime: str = "torch"
+                 ) -> dict[str, Any]:
     """Measure a run or a method; `isolate` runs it in a fresh `python -m distillad.benchmark.speed_child` process
     so that peak_rss_mb is Python + torch + model + inference only (`runtime_rss_mb`: the same process before the
     model)."""
     request = {"run": str(run) if run is not None else None, "method": method, "backbone": backbone,
                "options": dict(options or {}), "weights": weights, "image_size": image_size, "threads": int(threads),
-               "warmup": int(warmup), "repeats": int(repeats), "device": device, "fold": bool(fold)}
+               "warmup": int(warmup), "repeats": int(repeats), "device": device, "fold": bool(fold),
+               "runtime": runtime}
     if run is not None:
         from distillad.engine.checkpoint import read_meta
 
@@ -134,6 +149,12 @@ def speed_report(*, run: str | Path | None = None, method: str | None = None, ba
                                           "device": device})
     if image_size is not None:
         check_image_size(image_size, "--image-size")
+    if runtime != "torch":
+        from distillad.deploy.runtimes import require_runtime
+
+        require_runtime(runtime)
+        if device != "cpu":
+            raise ConfigError(f"runtime {runtime} runs on the CPU; leave --device out")
     if not isolate:
         return measure_here(request)
     with tempfile.TemporaryDirectory(prefix="distillad_speed_") as tmp:
@@ -154,7 +175,8 @@ def format_report(result: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     bs = result.get("throughput_batch_size", 16)
     lines = [
-        f"speed of {result['method']} ({result['backbone']} teacher, {result['source']}) at "
+        f"speed of {result['method']} ({result['backbone']} teacher, {result['source']}) on "
+        f"{result.get('runtime', 'torch')} at "
         f"{result['image_size']}x{result['image_size']}, {result['threads']} thread(s), {result['device']}, "
         f"{'channels_last' if result['channels_last'] else 'contiguous'}, "
         f"{result.get('batchnorm_folded', 0)} BatchNorms folded; torch {result['torch_version']}, "

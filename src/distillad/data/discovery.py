@@ -111,8 +111,9 @@ def _report_missing_masks(missing: list[tuple[Path, Path]], require: bool) -> No
         raise DataError(
             f"defective test image {img} has no ground-truth mask: expected {expected}{more}. "
             "From the command line: add the masks (white = defect; MVTec layout: "
-            "ground_truth/<defect type>/<stem>_mask.png) or remove those images from the test set. "
-            "From Python: pass require_masks=False to keep them for image-level scores only."
+            "ground_truth/<defect type>/<stem>_mask.png), remove those images from the test set, or keep them "
+            "for image-level scores only with `distillad test --allow-missing-masks` (Python: "
+            "load_category(..., require_masks=False))."
         )
     warnings.warn(
         f"{len(missing)} defective test image(s) have no ground-truth mask and are left out of pixel metrics: "

@@ -25,9 +25,14 @@ import os
 from pathlib import Path
 from typing import Union
 
+import io
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:   # torch is imported where a tensor is made, so decoding (and `distillad serve`) needs no torch
+    import torch
 
 __all__ = [
     "DataError",
@@ -69,7 +74,35 @@ def _target_hw(size: SizeLike) -> tuple[int, int] | None:
     return h, w
 
 
-def _open(path: PathLike, what: str = "image") -> Image.Image:
+# An image larger than this on a side is decoded reduced by the smallest integer factor that brings it within
+# (JPEG: scaled while decoding; other formats: `Image.reduce` right after), wherever a file is read, so training,
+# `test` and `predict` see the same pixels and an 8000x8000 photo costs what a 4000x4000 one does. Datasets of
+# ordinary inspection images (MVTec AD: at most 1024 px) are far below it and decode unchanged.
+MAX_DECODED_SIDE = 4096
+
+
+def _reduction(im: Image.Image) -> int:
+    return -(-max(im.size) // MAX_DECODED_SIDE)
+
+
+def limit_size(im: Image.Image) -> Image.Image:
+    """`im` (opened, not yet loaded) decoded within MAX_DECODED_SIDE; the original is closed when replaced."""
+    factor = _reduction(im)
+    if factor > 1 and im.format == "JPEG":
+        im.draft(im.mode, (-(-im.size[0] // factor), -(-im.size[1] // factor)))
+    im.load()
+    factor = _reduction(im)
+    if factor <= 1:
+        return im
+    try:
+        reduced = im.reduce(factor)
+    except ValueError:   # a pixel mode `reduce` does not handle: keep it whole
+        return im
+    im.close()
+    return reduced
+
+
+def _open(path: PathLike, what: str = "image", reduce_large: bool = False) -> Image.Image:
     """Open and fully decode a file, turning every decoder failure into a DataError naming the file."""
     p = Path(path)
     if not p.exists():
@@ -79,18 +112,20 @@ def _open(path: PathLike, what: str = "image") -> Image.Image:
     if p.stat().st_size == 0:
         raise DataError(f"{what} file {p} is empty (0 bytes)")
     try:
-        return _decode(p)
+        return _decode(p, reduce_large)
     except UnidentifiedImageError:
         raise DataError(f"{what} file {p} is not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{what} file {p} could not be decoded (truncated or corrupt?): {e}") from None
 
 
-def _decode(p: Path) -> Image.Image:
+def _decode(p: Path, reduce_large: bool = False) -> Image.Image:
     im = Image.open(p)
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
+        if reduce_large:
+            return limit_size(im)
         im.load()  # decodes everything now, so truncated files fail here and not later
     except BaseException:
         im.close()  # a failed decode must not leak the file handle
@@ -176,8 +211,8 @@ def _decode_pixels(im: Image.Image, path: Path) -> np.ndarray:
 
 
 def decode_image(source: PathLike | Image.Image | np.ndarray) -> np.ndarray:
-    """A file, a PIL image or an array -> (H, W, 1 or 3) array at full resolution: uint8 for 8-bit sources,
-    float32 in [0, 1] otherwise. Arrays are (H, W), (H, W, 1) or (H, W, 3), uint8 or float in [0, 1]."""
+    """A file, a PIL image or an array -> (H, W, 1 or 3) array at full resolution (a file over MAX_DECODED_SIDE
+    reduced within it): uint8 for 8-bit sources, float32 in [0, 1] otherwise. Arrays are (H, W), (H, W, 1) or (H, W, 3), uint8 or float in [0, 1]."""
     if isinstance(source, Image.Image):
         arr = _decode_pixels(source, Path(getattr(source, "filename", "") or "<PIL image>"))
     elif isinstance(source, np.ndarray):
@@ -190,7 +225,7 @@ def decode_image(source: PathLike | Image.Image | np.ndarray) -> np.ndarray:
             arr = np.clip(np.nan_to_num(arr.astype(np.float32), nan=0.0), 0.0, 1.0)
     else:
         p = Path(source)
-        with _open(p, "image") as im:
+        with _open(p, "image", reduce_large=True) as im:
             arr = _decode_pixels(im, p)
         if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise DataError(f"image file {p} has no pixels (shape {arr.shape})")
@@ -222,6 +257,8 @@ def read_image_array(path: PathLike, size: SizeLike) -> np.ndarray:
 
 def array_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 or float array -> (3, H, W) float32 tensor in [0, 1]."""
+    import torch
+
     if not arr.flags.writeable:  # arrays viewing PIL buffers are read-only; torch wants to own writable memory
         arr = arr.copy()
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
@@ -271,5 +308,33 @@ def read_mask_array(path: PathLike, size: SizeLike) -> tuple[np.ndarray, tuple[i
 
 def load_mask(path: PathLike, size: SizeLike) -> torch.Tensor:
     """Load a ground-truth mask as (H, W) bool: any channel > 0 is defect; nearest-neighbour resize."""
+    import torch
+
     m, _, _ = read_mask_array(path, size)
     return torch.from_numpy(m)
+
+
+def decode_image_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """An encoded image in memory (an upload) -> the array `decode_image` gives for the same file.
+
+    `max_pixels` refuses an image whose header announces more pixels before any of them is decoded, so a small
+    compressed file cannot make a server allocate gigabytes."""
+    if not data:
+        raise DataError(f"image {name} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DataError(f"image {name} has {width}x{height} pixels, more than the limit of {max_pixels}")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            arr = _decode_pixels(limit_size(im), Path(name))
+    except UnidentifiedImageError:
+        raise DataError(f"{name} is not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"image {name} could not be decoded (truncated or corrupt?): {e}") from None
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"image {name} has no pixels (shape {arr.shape})")
+    return arr

@@ -22,7 +22,7 @@ def fit_normal_statistics(scorer: AnomalyScorer, dataset: ImageDataset, *, thres
                           device: torch.device | str) -> tuple[Calibration, dict[str, Any] | None, np.ndarray]:
     """(calibration, map statistics for meta.json or None, the validation scores) of `scorer` on `dataset`.
 
-    With position_norm=max the reference is the per-position maximum over all validation images, but each
+    With position_norm=max or score the reference is the per-position maximum over all validation images, but each
     validation image is scored against the maximum over the *other* images (leave one out): scored against a
     reference that contains itself, every validation score would be <= 0 and the threshold far too low."""
     statistics: dict[str, Any] = {}
@@ -31,7 +31,7 @@ def fit_normal_statistics(scorer: AnomalyScorer, dataset: ImageDataset, *, thres
         low, high = fit_map_statistics(scorer, batches)
         scorer.set_map_statistics(low, high)
         statistics.update({"kind": scorer.map_norm, "low": low.tolist(), "high": high.tolist()})
-    if scorer.position_norm == "max":
+    if scorer.position_norm != "none":
         maps = []
         with torch.inference_mode():
             for batch in DataLoader(dataset, batch_size=batch_size):

@@ -133,6 +133,16 @@ def _recalibrate(run_dir: Path, meta: dict[str, Any], config: TrainConfig, score
     return calibration
 
 
+def _state_mismatch(model: DistillationModel, state: dict[str, Any]) -> str | None:
+    """A short description of the tensors `state` lacks or has in excess for `model`, or None when none."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        return f"{len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}"
+    return None
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              map_options: dict[str, Any] | None = None, fold_batchnorm: bool = True) -> LoadedRun:
     """Rebuild the model from meta.json and load model.pt with weights_only=True (no teacher download needed).
@@ -162,10 +172,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt files
         raise RunError(f"{model_path} is not a readable checkpoint: {error}") from None
+    mismatch = _state_mismatch(model, state) if isinstance(state, dict) else "it is not a state_dict"
+    if mismatch:
+        raise RunError(f"{model_path} does not match the model described in {META_FILE} ({mismatch}): the run "
+                       "folder mixes files of different runs; train it again")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise RunError(f"{model_path} does not match the model described in {META_FILE}: {error}") from None
+    except RuntimeError as error:   # a shape mismatch: torch's message spans lines, keep its first detail
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise RunError(f"{model_path} does not match the model described in {META_FILE} ({detail[:300]})") from None
     model.to(device)
     scorer, folded = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size,
                                  fold_batchnorm=fold_batchnorm)

@@ -70,12 +70,24 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.optimizer.name not in ("adam", "sgd"):
             raise ConfigError(f"optimizer.name must be adam or sgd, got {self.optimizer.name!r}")
+        if not self.optimizer.lr > 0 or not self.optimizer.gamma > 0:
+            raise ConfigError(f"the learning rate and optimizer.gamma must be > 0, got lr {self.optimizer.lr}, "
+                              f"gamma {self.optimizer.gamma}")
+        if self.optimizer.weight_decay < 0 or self.optimizer.momentum < 0 or \
+                not all(0 <= beta < 1 for beta in self.optimizer.betas):
+            raise ConfigError("optimizer.weight_decay and momentum must be >= 0 and betas in [0, 1)")
+        if self.threshold_k < 0:
+            raise ConfigError(f"threshold_k must be >= 0, got {self.threshold_k}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
 
 
 def _merge(config: TrainConfig, values: dict[str, Any], source: str) -> None:
     """Overlay `values` on `config`, every value checked against its declaration (None means "not given")."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
     values = typed_values(TrainConfig, {k: v for k, v in values.items() if v is not None}, source)
     for key, value in values.items():
         if key == "optimizer":

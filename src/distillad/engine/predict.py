@@ -13,53 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from distillad.data import list_images
 from distillad.data.images import array_to_tensor, decode_image, resize_image_array
 from distillad.engine.checkpoint import LoadedRun
 from distillad.errors import ConfigError, DataError, RunError
+from distillad.heatmaps import overlay, png_bytes, resize_map, to_rgb_u8
 from distillad.io import atomic_write_bytes, atomic_write_text, fsync_dir
-
-# Anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map for heatmaps.
-_COLORMAP_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 1.0], [0.5, 1.0, 0.5],
-                              [1.0, 0.9, 0.0], [1.0, 0.3, 0.0], [0.5, 0.0, 0.0]])
-
-
-def colorize(values: np.ndarray) -> np.ndarray:
-    """Map values in [0,1] (H,W) to RGB uint8 (H,W,3)."""
-    values = np.clip(values, 0.0, 1.0) * (len(_COLORMAP_ANCHORS) - 1)
-    low = np.floor(values).astype(int).clip(0, len(_COLORMAP_ANCHORS) - 2)
-    frac = (values - low)[..., None]
-    rgb = _COLORMAP_ANCHORS[low] * (1 - frac) + _COLORMAP_ANCHORS[low + 1] * frac
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, scale_max: float) -> np.ndarray:
-    """Blend the heatmap over the image; the colour scale runs from 0 to `scale_max` (fixed per run, so
-    heatmaps of different images are comparable) and pixels above the threshold are outlined in red."""
-    heat = colorize(anomaly_map / max(scale_max, 1e-12)).astype(np.float32)
-    blended = 0.55 * image.astype(np.float32) + 0.45 * heat
-    above = anomaly_map > threshold
-    edge = above & ~_erode(above)
-    blended[edge] = (255.0, 0.0, 0.0)
-    return blended.round().clip(0, 255).astype(np.uint8)
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1, mode="edge")
-    out = mask.copy()
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            out &= padded[1 + dy:1 + dy + mask.shape[0], 1 + dx:1 + dx + mask.shape[1]]
-    return out
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def output_names(paths: list[Path]) -> list[str]:
     """Unique, readable names: the path relative to the inputs' common folder, separators folded to '__'."""
@@ -79,8 +39,8 @@ def output_names(paths: list[Path]) -> list[str]:
 
 @dataclass
 class Prediction:
-    """One scored image. `anomaly_map` is at the image's own resolution (float32, the score's units); `mask` is
-    the map above the calibrated threshold (None for an uncalibrated run)."""
+    """One scored image. `anomaly_map` is at the image's own resolution (float32); `mask` is where the map, in the
+    score's units (`AnomalyScorer.decision_map`), is above the calibrated threshold (None when uncalibrated)."""
 
     path: Path | None                  # None for an in-memory image
     score: float
@@ -117,25 +77,37 @@ def predict_batch(run: LoadedRun, arrays: list[np.ndarray], paths: list[Path | N
                   device: str | torch.device = "cpu") -> list[Prediction]:
     """Score decoded images; each Prediction carries its map and mask at the image's own resolution."""
     maps, scores = score_arrays(run, arrays, device)
+    decision_maps = run.scorer.decision_map(maps)
+    own_units = decision_maps is maps            # the threshold applies to the map itself
     calibration = run.calibration
     out: list[Prediction] = []
-    for array, path, anomaly_map, score_t in zip(arrays, paths, maps, scores):
+    for array, path, anomaly_map, decision_map, score_t in zip(arrays, paths, maps, decision_maps, scores):
         score = float(score_t)
-        full_map = full_resolution(anomaly_map, array.shape[0], array.shape[1])
+        height, width = array.shape[0], array.shape[1]
+        full_map = full_resolution(anomaly_map, height, width)
         if calibration:
             label = "defective" if calibration.is_defective(score) else "normal"
+            full_decision = full_map if own_units else full_resolution(decision_map, height, width)
             out.append(Prediction(path, score, calibration.normalize(score), label, full_map,
-                                  full_map > calibration.threshold))
+                                  full_decision > calibration.threshold))
         else:
             out.append(Prediction(path, score, None, "uncalibrated", full_map, None))
     return out
 
 
-def to_rgb_u8(array: np.ndarray) -> np.ndarray:
-    """A decoded (H,W,1|3) uint8 or float array -> (H,W,3) uint8 for drawing."""
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
+HEATMAP_MAX_SIDE = 2048   # heatmaps are for looking at; drawing one costs ~100 bytes per pixel
+
+
+def heatmap_png(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, scale_max: float) -> bytes:
+    """The overlay PNG of a decoded image and its map, drawn at most HEATMAP_MAX_SIDE pixels on a side so that a
+    large image cannot make `predict` run out of memory (masks stay at the image's resolution)."""
+    height, width = anomaly_map.shape
+    factor = max(height, width) / HEATMAP_MAX_SIDE
+    if factor > 1:
+        height, width = max(1, round(height / factor)), max(1, round(width / factor))
+        image = resize_image_array(image, (height, width))
+        anomaly_map = resize_map(anomaly_map, height, width)
+    return png_bytes(overlay(to_rgb_u8(image), anomaly_map, threshold, scale_max))
 
 
 def _inputs_outside(paths: list[Path], out_dir: Path) -> list[Path]:
@@ -209,7 +181,7 @@ def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path,
                     full_map = prediction.anomaly_map
                     heat_scale = scale_max if scale_max is not None else float(full_map.max())
                     atomic_write_bytes(staging / "heatmaps" / f"{name}.png",
-                                       png_bytes(overlay(to_rgb_u8(array), full_map, threshold, heat_scale)))
+                                       heatmap_png(array, full_map, threshold, heat_scale))
                     if prediction.mask is not None:
                         atomic_write_bytes(staging / "masks" / f"{name}_mask.png",
                                            png_bytes(prediction.mask.astype(np.uint8) * 255))

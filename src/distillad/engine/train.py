@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -23,8 +21,18 @@ from distillad.engine.checkpoint import META_FILE, MODEL_FILE, save_model, write
 from distillad.engine.config import OptimizerConfig, TrainConfig
 from distillad.engine.device import resolve_device
 from distillad.engine.calibrate import fit_normal_statistics
+from distillad.engine.preflight import check_free_space, check_output_folder, decode_all
+from distillad.engine.resume import (
+    StageProgress,
+    fingerprint,
+    open_work_dir,
+    publish_run,
+    random_state,
+    restore_random_state,
+    save_checkpoint,
+    work_dir,
+)
 from distillad.errors import RunError
-from distillad.io import atomic_torch_save, atomic_write_json
 from distillad.methods import DistillationModel, build_model
 from distillad.methods.base import FitContext, TrainingStage
 from distillad.scoring import Calibration, make_scorer
@@ -56,9 +64,6 @@ def check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
                        "choose another --out or pass --overwrite")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {run_dir} exists and is not a folder")
-
-
-STAGE_FOLDER = "stages"
 
 
 @dataclass
@@ -98,34 +103,17 @@ def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: i
     return [torch.cat(parts) for parts in zip(*levels)]
 
 
-def _stage_file(run_dir: Path, index: int, stage: TrainingStage) -> Path:
-    return run_dir / STAGE_FOLDER / f"{index + 1}_{stage.name}.pt"
-
-
-def _try_resume_stage(run_dir: Path, index: int, stage: TrainingStage, model: DistillationModel,
-                      config: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Load a finished stage saved by an interrupted run with the same config; None when there is none."""
-    path = _stage_file(run_dir, index, stage)
-    info_path = path.with_suffix(".json")
-    if not (path.is_file() and info_path.is_file()):
-        return None
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if info.get("config") != config.to_dict():
-        log(f"  ignoring {path}: saved with a different configuration")
-        return None
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    log(f"stage {index + 1} ({stage.name}) resumed from {path}")
-    return info
+EpochCallback = Callable[[StageProgress], None]
 
 
 def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
                device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], resumed: StageProgress | None = None,
+               on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """One optimisation stage: its own optimizer, schedule and step budget; returns its history.
 
+    `on_epoch` gets the stage's full state at the end of every epoch (to checkpoint it); `resumed`, such a state
+    from an interrupted run, continues the stage after that epoch, drawing the same random numbers.
     A fit stage (`stage.fit`, e.g. PatchCore's memory bank) gets one pass over the training images instead: no
     optimizer (a model without trainable parameters must not make one), no gradients, one history entry."""
     if stage.is_fit:
@@ -140,14 +128,26 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
     epochs = max(1, round(config.epochs_for(steps_per_epoch) * stage.length_ratio))
     optimizer = make_optimizer(optimizer_config, stage.parameters())
     scheduler = make_scheduler(optimizer, optimizer_config, epochs)
-    log(f"{prefix}{epochs} epochs x {steps_per_epoch} steps, batch {batch_size}")
     history: list[dict[str, float]] = []
-    start = time.perf_counter()
+    first_epoch, earlier_seconds = 0, 0.0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        history, first_epoch, earlier_seconds = list(resumed.history), resumed.epoch, resumed.seconds
+        if stage.load_state is not None and resumed.stage_state is not None:
+            stage.load_state(resumed.stage_state)
+    if first_epoch >= epochs:
+        return {"name": stage.name, "epochs": epochs, "seconds": earlier_seconds, "history": history}
+    log(f"{prefix}{epochs} epochs x {steps_per_epoch} steps, batch {batch_size}"
+        + (f"; resuming after epoch {first_epoch}" if first_epoch else ""))
+    start = time.perf_counter() - earlier_seconds
     use_cache = stage.cache_teacher and config.cache_teacher
     cache = teacher_cache(model, train_set, batch_size, device, memory_format) if use_cache else None
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=stage.name)
-    for epoch in range(epochs):
+    if resumed is not None:   # after the cache, whose loader draws from torch's generator too
+        restore_random_state(resumed.random, generator)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, disable=not progress,
+               unit="step", dynamic_ncols=True, desc=stage.name)
+    for epoch in range(first_epoch, epochs):
         model.train()
         stage.on_train(model)
         epoch_loss, seen = 0.0, 0
@@ -167,11 +167,16 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
             seen += images.shape[0]
             elapsed = time.perf_counter() - start
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4f}",
-                            img_s=f"{(epoch * len(train_set) + seen) / max(elapsed, 1e-9):.1f}")
+                            img_s=f"{((epoch - first_epoch) * len(train_set) + seen) / max(elapsed - earlier_seconds, 1e-9):.1f}")
             bar.update(1)
         scheduler.step()
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
                         "seconds": time.perf_counter() - start})
+        if on_epoch is not None:
+            on_epoch(StageProgress(
+                epoch=epoch + 1, history=history, seconds=time.perf_counter() - start,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                random=random_state(generator), stage_state=stage.state() if stage.state is not None else None))
         if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
             log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
                 f"{history[-1]['seconds']:.0f} s")
@@ -215,54 +220,86 @@ def _run_fit_stage(stage: TrainingStage, model: DistillationModel, config: Train
     return {"name": stage.name, "epochs": 1, "seconds": seconds, "history": [entry]}
 
 
+MIN_CALIBRATION_IMAGES = 10
+
+
+def calibration_warning(n_val: int, name: str) -> str | None:
+    """Why the threshold of a run calibrated on `n_val` images is not to be trusted (None when it is).
+
+    The threshold is mean + k std of the validation scores. The relative standard error of a standard deviation
+    estimated from n scores is about 1 / sqrt(2 (n - 1)): 24 % at n = 10, 50 % at n = 3, undefined at n = 1 (the
+    threshold is then the single score plus a floor). Below 10 images the threshold is mostly noise."""
+    if n_val >= MIN_CALIBRATION_IMAGES:
+        return None
+    return (f"{name}: the threshold is calibrated on {n_val} defect-free validation image(s); below "
+            f"{MIN_CALIBRATION_IMAGES} it is mostly noise (normal/defective labels are unreliable). Add training "
+            "images or raise --val-fraction (scores and maps are unaffected)")
+
+
 def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,
-              overwrite: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+              overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Train `config.method` on data.train, calibrate on data.val (defect-free only), save to run_dir.
 
-    Multi-stage methods (AAND) save each finished stage under run_dir/stages/; a rerun with the same config
-    resumes after the last finished stage. The stage files are removed once the run is complete.
+    Everything that can be checked is checked before the first step: every image decodes, the run folder can be
+    written, the disk has room. The run is trained in a work folder beside run_dir with a checkpoint at the end
+    of every epoch; `resume` continues an interrupted run of the same settings and data from its last checkpoint
+    to the same weights an uninterrupted run reaches. The finished run is moved into run_dir by renames, so
+    run_dir holds the previous run or the new one, never a mix (engine/resume.py).
     """
     run_dir = Path(run_dir)
+    check_output_folder(run_dir)
     check_run_dir_free(run_dir, overwrite)
     device = resolve_device(config.device)
     if not data.train:
         raise RunError(f"no defect-free training images in {data.name}")
+    train_set = ImageDataset(data.train, config.image_size)
+    val_set = ImageDataset(data.val, config.image_size)
+    decode_all(train_set, "training")
+    decode_all(val_set, "validation")
     seed_everything(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.method, config.backbone, config.options, pretrained=True,
                         weights=config.weights).to(device, memory_format=memory_format)
-    train_set = ImageDataset(data.train, config.image_size)
-    val_set = ImageDataset(data.val, config.image_size)
+    check_free_space(run_dir.parent, model)
+    identity = fingerprint(config.to_dict(), [str(s.path) for s in data.train], [str(s.path) for s in data.val])
+    work = work_dir(run_dir)
+    checkpoint = open_work_dir(run_dir, identity, resume=resume, overwrite=overwrite, log=log)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
     stages = model.training_stages()
     log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
         f"{len(val_set)} held out; {config.image_size}px, device {device}")
-    stage_reports: list[dict[str, Any]] = []
+    warning = calibration_warning(len(val_set), data.name) if len(val_set) else None
+    stage_reports: list[dict[str, Any]] = list(checkpoint.reports) if checkpoint is not None else []
     for index, stage in enumerate(stages):
-        prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
-        last = index == len(stages) - 1
-        resumed = None if last else _try_resume_stage(run_dir, index, stage, model, config, log)
-        if resumed is not None:
-            stage_reports.append(resumed["report"])
+        if index < len(stage_reports):
+            log(f"stage {index + 1} ({stage.name}) finished before the interruption")
             continue
+        prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
         seed_everything(config.seed + index)
-        report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
+        resumed = checkpoint.progress if checkpoint is not None and checkpoint.stage == index else None
+
+        def on_epoch(state: StageProgress, index: int = index) -> None:
+            save_checkpoint(work, identity, model, index, state, stage_reports)
+
+        report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log,
+                            resumed=resumed, on_epoch=on_epoch)
         stage_reports.append(report)
-        if not last:
-            path = _stage_file(run_dir, index, stage)
-            atomic_torch_save(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-            atomic_write_json(path.with_suffix(".json"), {"config": config.to_dict(), "report": report})
+        if stage.is_fit:   # a fit stage has no epochs; checkpoint its result before calibration
+            save_checkpoint(work, identity, model, index + 1, StageProgress(0, [], 0.0), stage_reports)
     train_seconds = sum(r["seconds"] for r in stage_reports)
 
     model.eval()
     if len(val_set) == 0:
-        warnings.warn(f"{data.name}: no held-out defect-free images (val_fraction=0); calibrating on the training "
-                      "images, which makes the threshold optimistic", stacklevel=2)
+        warning = (f"{data.name}: no held-out defect-free images (val_fraction=0); calibrating on the training "
+                   "images, which makes the threshold optimistic")
         calibration_set, calibration_source = train_set, "train"
     else:
         calibration_set, calibration_source = val_set, "validation"
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     val_loss = mean_loss(model, val_set, config.batch_size, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_model(run_dir, model)
+    save_model(work, model)
     # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
     # comes after saving the trained weights).
     scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
@@ -274,13 +311,15 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
                  "val_files": [str(s.path) for s in data.val]},
         "map_statistics": map_statistics,
         "calibration_scores": [float(s) for s in val_scores],
+        "warnings": [warning] if warning else [],
         "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
                      "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
                      "calibration_source": calibration_source, "history": history,
+                     "resumed": checkpoint is not None,
                      "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
     }
-    write_meta(run_dir, model, config, calibration, extra)
-    shutil.rmtree(run_dir / STAGE_FOLDER, ignore_errors=True)
+    write_meta(work, model, config, calibration, extra)
+    publish_run(work, run_dir, (MODEL_FILE, META_FILE), META_FILE)
     log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
         f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")
     return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)

@@ -329,8 +329,19 @@ class AAND(DistillationModel):
             vanilla = self.vanilla_features(batch.images)
             return self.amplification_loss(vanilla, batch.masks, batch.foreground, state["pixels"])
 
+        def random_state() -> dict[str, Any]:
+            return {"seeded": state["seeded"], "pixels": state["pixels"].get_state(), "anomaly_seed": generator.seed,
+                    "anomalies": generator.rng.bit_generator.state}
+
+        def load_random_state(saved: dict[str, Any]) -> None:
+            state["seeded"] = bool(saved["seeded"])
+            state["pixels"].set_state(saved["pixels"])
+            generator.reseed(int(saved["anomaly_seed"]))
+            generator.rng.bit_generator.state = saved["anomalies"]
+
         return TrainingStage("amplify", amplifiers.parameters, loss, cache_teacher=False,
-                             length_ratio=AMPLIFY_EPOCHS / DISTILL_EPOCHS)
+                             length_ratio=AMPLIFY_EPOCHS / DISTILL_EPOCHS, state=random_state,
+                             load_state=load_random_state)
 
     # -- stage 2 ----------------------------------------------------------------------------------------------
     def student_parameters(self) -> Iterator[nn.Parameter]:

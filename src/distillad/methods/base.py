@@ -36,8 +36,9 @@ class MethodOptions:
     # Each student's and level's map rescaled by quantiles of its values on defect-free validation images before
     # fusion: none | quantile ((m - q90) / (q99.5 - q90), so 0 is typical and 1 rare for normal images)
     map_norm: str = "none"
-    # none | max: subtract, position by position, the largest value the (blurred) map takes there on the
-    # validation images, so places that are busy on every normal image (edges, borders) stop deciding the score
+    # none | max | score: subtract, position by position, the largest value the (blurred) map takes there on the
+    # validation images, so places that are busy on every normal image (edges, borders) stop deciding the score;
+    # max: from the map itself; score: from the image score (and masks) only, the map keeps its own values
     position_norm: str = "none"
     score_topk: float = 0.0                       # image score: 0 = max of the map; f > 0 = mean of its top f share
 
@@ -64,7 +65,7 @@ class MethodOptions:
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         check_choice("map_norm", self.map_norm, ("none", "quantile"))
-        check_choice("position_norm", self.position_norm, ("none", "max"))
+        check_choice("position_norm", self.position_norm, ("none", "max", "score"))
         if not 0.0 <= self.score_topk < 1.0:
             raise ConfigError(f"score_topk must be in [0, 1), got {self.score_topk}")
 
@@ -114,6 +115,11 @@ class TrainingStage:
     length_ratio: float = 1.0
     on_train: Callable[[nn.Module], None] = lambda model: None
     fit: Callable[[FitContext], dict[str, float]] | None = None
+    # Random state the stage keeps outside torch's and numpy's global generators (AAND's anomaly source): saved in
+    # every epoch checkpoint and restored on resume, so a resumed run draws what the uninterrupted one would have.
+    # Values are tensors, numbers, strings and lists/dicts of them (checkpoints load with weights_only=True).
+    state: Callable[[], dict[str, Any]] | None = None
+    load_state: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if (self.loss is None) == (self.fit is None):
@@ -121,6 +127,8 @@ class TrainingStage:
                              "and `fit` (a one-pass, non-gradient stage)")
         if self.loss is not None and self.parameters is None:
             raise ValueError(f"training stage {self.name!r} has a loss but no parameters to optimise")
+        if (self.state is None) != (self.load_state is None):
+            raise ValueError(f"training stage {self.name!r} needs both `state` and `load_state`, or neither")
 
     @property
     def is_fit(self) -> bool:

@@ -78,8 +78,10 @@ class AnomalyScorer(nn.Module):
         # Per (student, level): the low and high quantile of the map on defect-free validation images (map_norm).
         self.register_buffer("norm_low", torch.zeros(0, 0))
         self.register_buffer("norm_high", torch.zeros(0, 0))
-        # position_norm: the per-position maximum of the validation maps at POSITION_GRID x POSITION_GRID
-        self.register_buffer("position_reference", torch.zeros(0, 0))
+        # position_norm: the per-position maximum of the validation maps at POSITION_GRID x POSITION_GRID. Zero
+        # until calibration installs it (a fresh, uncalibrated scorer - speed, tests - scores the plain map at the
+        # same cost); every run folder holds its fitted reference in meta.json.
+        self.register_buffer("position_reference", torch.zeros(POSITION_GRID, POSITION_GRID))
 
     def set_map_statistics(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Install the (students, levels) quantiles fitted by `fit_map_statistics`."""
@@ -121,13 +123,22 @@ class AnomalyScorer(nn.Module):
             per_student.append(fuse(maps, self.level_fusion))
         return self.blur(fuse(per_student, self.student_fusion))
 
+    def excess(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """A normal map's excess over the per-position validation maximum (position_norm)."""
+        return anomaly_map - upsample(self.position_reference[None], anomaly_map.shape[-2:])
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         anomaly_map = self.normal_map(images)
         if self.position_norm == "max":
-            if self.position_reference.numel() == 0:
-                raise RuntimeError("position_norm=max needs the validation reference (set_position_reference)")
-            anomaly_map = anomaly_map - upsample(self.position_reference[None], anomaly_map.shape[-2:])
+            anomaly_map = self.excess(anomaly_map)
+        elif self.position_norm == "score":      # the map keeps its own units; only the score uses the excess
+            return anomaly_map, image_score(self.excess(anomaly_map), self.score_topk)
         return anomaly_map, image_score(anomaly_map, self.score_topk)
+
+    def decision_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """The map in the units of the image score, which the threshold applies to: a mask is
+        `decision_map(map) > threshold`, so an image is flagged (score = max) exactly when its mask is not empty."""
+        return self.excess(anomaly_map) if self.position_norm == "score" else anomaly_map
 
 
 def image_score(anomaly_map: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
@@ -144,12 +155,14 @@ POSITION_GRID = 64
 
 def position_references(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From validation maps (N,H,W): the per-position maximum on the POSITION_GRID grid, and each image's
-    leave-one-out reference (N,GRID,GRID), the maximum over the *other* images, for an honest threshold."""
+    leave-one-out reference (N,GRID,GRID), the maximum over the *other* images, for an honest threshold.
+    With a single image there is no other to compare with: the reference is zero (the threshold is untrustworthy
+    anyway, and training says so)."""
     pooled = F.adaptive_avg_pool2d(maps[:, None], POSITION_GRID)[:, 0]
-    top = pooled.topk(min(2, pooled.shape[0]), dim=0)
+    if pooled.shape[0] < 2:     # nothing to leave one out against: no reference (the plain map's score)
+        return torch.zeros_like(pooled[0]), torch.zeros_like(pooled)
+    top = pooled.topk(2, dim=0)
     reference = top.values[0]
-    if pooled.shape[0] < 2:
-        return reference, reference[None]
     owner = top.indices[0]
     index = torch.arange(pooled.shape[0])[:, None, None]
     leave_one_out = torch.where(owner[None] == index, top.values[1][None], top.values[0][None])
