@@ -160,8 +160,17 @@ def test_static_int8_recalibrates_the_threshold_on_the_quantized_model(bottle_ru
     assert report["calibration_images"] == 12 and "validation images" in report["threshold_fitted_on"]
     meta = json.loads((bottle_run / "meta.json").read_text())
     val_inputs = np.stack([image_to_input(decode_image(p), 64) for p in meta["data"]["val_files"]])
-    _, int8_scores, _ = model.score(val_inputs)
-    assert model.threshold == pytest.approx(calibrate(int8_scores, k=3.0).threshold, rel=1e-6)
+    import torch
+
+    from distillad.scoring.maps import image_score, position_references, upsample
+
+    maps, int8_scores, decision = model.score(val_inputs)
+    assert contract["map"]["position_norm"] == "score"      # DSKD's default: the reference is refitted
+    reference, leave_one_out = position_references(torch.from_numpy(maps))
+    # the graph's reference is the per-position maximum of the int8 model's own validation maps, not the fp32 one's
+    assert np.allclose(maps - decision, upsample(reference[None], (64, 64)).numpy(), atol=1e-5)
+    expected = image_score(torch.from_numpy(maps) - upsample(leave_one_out, (64, 64))).numpy()
+    assert model.threshold == pytest.approx(calibrate(expected, k=3.0).threshold, rel=1e-5)
     assert model.threshold != pytest.approx(report["threshold_fp32"], rel=1e-6)
 
 

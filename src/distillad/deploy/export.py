@@ -55,6 +55,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     if fmt == "openvino":
         require_runtime("openvino")
     loaded = load_run(run_dir)
+    if int8 and loaded.scorer.map_norm != "none":
+        raise ConfigError(f"--int8 of a map_norm={loaded.scorer.map_norm} run is not supported: its per-level "
+                          "statistics were fitted on float features; export fp32")
     start = time.perf_counter()
     proto = export_model_proto(loaded.scorer, loaded.config.image_size)
     outputs = [o.name for o in proto.graph.output]
@@ -73,8 +76,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
             if not inputs:
                 raise DataError(f"--calibration-data {calibration_data} holds no images")
             model_bytes = quantize_int8(fp32, inputs, Path(tmp))
+            model_bytes, calibration, source, val_inputs = recalibrate_int8(
+                loaded, model_bytes, open_session(model_bytes, "onnxruntime", threads), inputs)
             quantized = open_session(model_bytes, "onnxruntime", threads)
-            calibration, source, val_inputs = recalibrate_int8(loaded, quantized, inputs)
             val_fp32 = session.run(val_inputs)[OUTPUT_NAMES[1]]
             val_int8 = quantized.run(val_inputs)[OUTPUT_NAMES[1]]
             precision = "int8"

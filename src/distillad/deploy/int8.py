@@ -12,7 +12,7 @@ import numpy as np
 from distillad.deploy.graph import quiet_exporter
 from distillad.deploy.runtimes import INPUT_NAME, OUTPUT_NAMES, image_to_input
 from distillad.engine.checkpoint import LoadedRun
-from distillad.errors import DataError
+from distillad.errors import DataError, RunError
 from distillad.scoring import Calibration, calibrate
 
 MAX_CALIBRATION_IMAGES = 64
@@ -68,21 +68,65 @@ def quantize_int8(fp32: bytes, inputs: list[np.ndarray], workdir: Path) -> bytes
     return quantized.read_bytes()
 
 
-def recalibrate_int8(loaded: LoadedRun, session: Any, calibration_inputs: list[np.ndarray]
-                      ) -> tuple[Calibration, str, np.ndarray]:
-    """The threshold refitted on the quantized model's scores of the run's validation images (as training fits
-    it), or of the calibration images when those are gone (in-sample: said in the report)."""
+def refit_position_reference(loaded: LoadedRun, model_bytes: bytes, session: Any, inputs: np.ndarray
+                             ) -> tuple[bytes, np.ndarray]:
+    """The int8 model with its per-position reference (position_norm) refitted on its own maps of `inputs`, and
+    its leave-one-out validation scores, as training fits them on the fp32 model.
+
+    Quantization moves the maps; a reference fitted on the fp32 maps then no longer matches them (measured: bottle
+    image AUROC 1.000 -> 0.785). The exporter folds the upsampled reference into one or more (S,S) constants;
+    those are found by value and replaced. No match means an exporter that stores it otherwise: refused."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from distillad.scoring.maps import image_score, position_references, upsample
+
+    scorer = loaded.scorer
+    size = loaded.config.image_size
+    maps = torch.from_numpy(np.concatenate([session.run(inputs[i:i + 8])[OUTPUT_NAMES[0]]
+                                            for i in range(0, len(inputs), 8)]))
+    old = upsample(scorer.position_reference.detach().float().cpu()[None], (size, size))[0]
+    if scorer.position_norm == "max":               # the map output is already the excess: undo it
+        maps = maps + old
+    reference, leave_one_out = position_references(maps)
+    new = upsample(reference[None], (size, size))[0].numpy()
+    model = onnx.load_model_from_string(model_bytes)
+    replaced = 0
+    for initializer in model.graph.initializer:
+        if int(np.prod(initializer.dims)) != size * size:
+            continue
+        values = numpy_helper.to_array(initializer)
+        if np.allclose(values.reshape(size, size), old.numpy(), atol=1e-5):
+            initializer.CopyFrom(numpy_helper.from_array(new.reshape(values.shape).astype(values.dtype),
+                                                         initializer.name))
+            replaced += 1
+    if not replaced:
+        raise RunError(f"int8 export of a position_norm={scorer.position_norm} run: the position reference was not "
+                       "found in the graph to refit it; export fp32, or train with --option position_norm=none")
+    scores = image_score(maps - upsample(leave_one_out, (size, size)), scorer.score_topk).numpy()
+    return model.SerializeToString(), scores
+
+
+def recalibrate_int8(loaded: LoadedRun, model_bytes: bytes, session: Any, calibration_inputs: list[np.ndarray]
+                     ) -> tuple[bytes, Calibration, str, np.ndarray]:
+    """(the int8 model, its threshold, where the threshold was fitted, those inputs): the threshold refitted on the
+    quantized model's scores of the run's validation images (as training fits it), or of the calibration images
+    when those are gone (in-sample: said in the report); a position reference is refitted first."""
     from distillad.data.images import decode_image
 
     files = [Path(p) for p in (loaded.meta.get("data") or {}).get("val_files") or []]
     if files and all(p.is_file() for p in files):
-        inputs = [image_to_input(decode_image(p), loaded.config.image_size) for p in files]
+        inputs = np.stack([image_to_input(decode_image(p), loaded.config.image_size) for p in files])
         source = f"the run's {len(files)} validation images"
     else:
-        inputs, source = calibration_inputs, f"the {len(calibration_inputs)} calibration images (in-sample)"
-    scores = np.concatenate([session.run(np.stack(inputs[i:i + 8]))[OUTPUT_NAMES[1]]
-                             for i in range(0, len(inputs), 8)])
-    return calibrate(scores, k=loaded.config.threshold_k), source, np.stack(inputs)
+        inputs = np.stack(calibration_inputs)
+        source = f"the {len(calibration_inputs)} calibration images (in-sample)"
+    if loaded.scorer.position_norm != "none":
+        model_bytes, scores = refit_position_reference(loaded, model_bytes, session, inputs)
+    else:
+        scores = np.concatenate([session.run(inputs[i:i + 8])[OUTPUT_NAMES[1]] for i in range(0, len(inputs), 8)])
+    return model_bytes, calibrate(scores, k=loaded.config.threshold_k), source, inputs
 
 
 def evaluate_category(scorer: Any, folder: Path, loaded: LoadedRun, calibration: Calibration | None
