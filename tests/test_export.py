@@ -236,3 +236,20 @@ def _installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_auto_takes_the_fastest_installed_runtime_that_agrees_with_torch(bottle_run):
+    import distillad
+    from distillad.deploy.runtime_switch import AUTO_ORDER, auto_candidates
+    from distillad.deploy.runtimes import runtime_installed
+
+    installed = [name for name in AUTO_ORDER if runtime_installed(name)]
+    assert auto_candidates() == installed
+    run = distillad.load(bottle_run, runtime="auto", threads=1)
+    assert run.runtime == (installed[0] if installed else "torch")
+    if installed:
+        torch_run = distillad.load(bottle_run, runtime="torch")
+        paths = sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[:3]
+        fast, reference = run.predict(paths), torch_run.predict(paths)
+        assert [p.label for p in fast] == [p.label for p in reference]
+        assert max(abs(a.score - b.score) for a, b in zip(fast, reference)) <= 1e-5

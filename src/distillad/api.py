@@ -144,7 +144,8 @@ def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
 
     `runtime` runs predict and evaluate on "onnxruntime" or "openvino" (`threads` threads, no spinning): the
     scorer exported to ONNX once (cached, see `distillad.deploy.runtime_switch.cache_dir`) and checked against torch on
-    the run's validation images; "auto" takes onnxruntime when installed and falls back to torch (said to `log`).
+    the run's validation images; "auto" takes the fastest installed one (OpenVINO, then onnxruntime) that agrees
+    with torch, else torch (said to `log`).
     """
     loaded = load_run(run_dir, device, map_options=map_options)
     if runtime == "torch" or (runtime == "auto" and torch.device(device).type != "cpu"):

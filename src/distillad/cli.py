@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the run's defect-free validation images")
     test.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default="torch",
                       help="what runs the scorer: torch (default), or its ONNX export (checked against torch) on "
-                           "onnxruntime or OpenVINO; auto: onnxruntime when installed")
+                           "onnxruntime or OpenVINO; auto: the fastest installed one (OpenVINO, then onnxruntime)")
     common(test)
 
     predict = commands.add_parser("predict", help="score images with a trained run",
@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-images", action="store_true", help="only the CSV, no heatmaps or masks")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing predictions.csv in --out")
     predict.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default="auto",
-                         help="what runs the scorer (default auto: onnxruntime when installed and in agreement with "
-                              "torch on the run's validation images, else torch; the graph is exported once and "
+                         help="what runs the scorer (default auto: the fastest installed runtime, OpenVINO then "
+                              "onnxruntime, that agrees with torch on the run's validation images, else torch; the graph is exported once and "
                               "cached). Same labels on every runtime")
     common(predict)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,11 @@ def open_session(model: str | Path | bytes, runtime: str = "onnxruntime",
     if runtime == "onnxruntime":
         return OnnxRuntimeSession(model, threads)
     if runtime == "openvino":
-        if isinstance(model, bytes):
-            raise ConfigError("OpenVINO loads models from files")
+        if isinstance(model, bytes):    # OpenVINO compiles from a file: a private temporary one, gone once compiled
+            with tempfile.TemporaryDirectory(prefix="distillad_openvino_") as folder:
+                path = Path(folder) / "model.onnx"
+                path.write_bytes(model)
+                return OpenVinoSession(path, threads)
         return OpenVinoSession(model, threads)
     raise ConfigError("the torch runtime runs a run folder, not an exported model")
 
