@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distillad.data import CategorySplit, list_images, load_category
+from distillad.data import CategorySplit, load_category
 from distillad.data.images import decode_image
+from distillad.data.listing import resolve_inputs
 from distillad.engine.checkpoint import LoadedRun, load_run
 from distillad.engine.config import TrainConfig, load_yaml, resolve_config
 from distillad.engine.inference import evaluate_split
@@ -106,7 +107,7 @@ class Run:
         sources: list[tuple[Path | None, ImageInput]] = []
         for item in items:
             if isinstance(item, (str, os.PathLike)):
-                sources.extend((path, path) for path in list_images(item))
+                sources.extend((path, path) for path in resolve_inputs(item))
             else:
                 sources.append((None, item))
         predictions: list[Prediction] = []
@@ -118,9 +119,26 @@ class Run:
 
     def predict_to_folder(self, inputs: ImageInput | Iterable[ImageInput], out: str | os.PathLike, *,
                           batch_size: int = 8, overwrite: bool = False, save_images: bool = True,
-                          progress: bool = False) -> list[Prediction]:
-        """`distillad predict`: score files/folders and write predictions.csv, heatmaps/ and masks/ into `out`."""
+                          progress: bool = False, engine: str = "local", address: str | None = None,
+                          ray_cpus: int | None = None, workers: int | None = None,
+                          worker_threads: int = 1) -> list[Prediction]:
+        """`distillad predict`: score files, folders, @list files or glob patterns and write predictions.csv,
+        heatmaps/ and masks/ into `out`.
+
+        `engine="ray"` scores in a Ray Data actor pool (`workers` actors of `worker_threads` threads) on a local Ray
+        of `ray_cpus` CPUs, or on the cluster at `address`, with the same files as a result, plus OUT/shards/
+        (see `distillad.scale.ray_predict`); `out` must then be visible to every node. Needs `distillad[ray]`."""
         paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        if engine != "local" or address is not None or ray_cpus is not None or workers is not None \
+                or worker_threads != 1:
+            from distillad.scale.ray_predict import RaySettings, check_engine_options, predict_paths_ray
+
+            settings = RaySettings(address=address, ray_cpus=ray_cpus, workers=workers,
+                                   worker_threads=worker_threads)
+            check_engine_options(engine, settings, self.device)
+            return predict_paths_ray(self._loaded, paths, out, runtime=self.runtime, batch_size=batch_size,
+                                     overwrite=overwrite, save_images=save_images, settings=settings,
+                                     progress=progress)
         return predict_paths(self._inference, paths, out, batch_size=batch_size, device=self.device,
                              overwrite=overwrite, save_images=save_images, progress=progress)
 
@@ -161,7 +179,7 @@ def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
 def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
           config: str | os.PathLike | dict[str, Any] | None = None, options: dict[str, Any] | None = None,
           overwrite: bool = False, resume: bool = False, progress: bool = True, log: Any = print,
-          **settings: Any) -> Run:
+          **settings: Any) -> Run | None:
     """Train on the defect-free images of `data` and return the loaded run saved in `out`.
 
     `data` is an MVTec-layout category folder, a plain folder of defect-free images, or a CategorySplit.
@@ -170,6 +188,8 @@ def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
     < `options` (method switches, e.g. {"student_fusion": "max"}).
     `resume` continues an interrupted training of `out` (same settings and data) from its last epoch checkpoint,
     to the weights an uninterrupted run would have; `overwrite` replaces a finished run in `out`.
+    Under torchrun (`torchrun --nproc_per_node=N -m distillad train ...`, or this function in a script torchrun
+    starts) the processes train data-parallel; process 0 returns the run, the others None.
 
     >>> run = distillad.train("data/bottle", out="runs/bottle", epochs=2)
     """
@@ -180,5 +200,7 @@ def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
     resolved = resolve_config(file_values=file_values, overrides=overrides)
     split = data if isinstance(data, CategorySplit) else load_category(
         Path(data), val_fraction=resolved.val_fraction, seed=resolved.seed)
-    train_run(resolved, split, out, progress=progress, overwrite=overwrite, resume=resume, log=log)
+    result = train_run(resolved, split, out, progress=progress, overwrite=overwrite, resume=resume, log=log)
+    if result is None:   # a process other than 0 of a data-parallel training: process 0 holds the run
+        return None
     return load(out, device=resolved.device)

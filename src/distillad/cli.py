@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted training of --out from its last epoch checkpoint (same "
                             "settings and data: ends with the weights of an uninterrupted run); starts when none")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train data-parallel in N processes on this machine (torchrun; same global batch, "
+                            "which N must divide); several machines: torchrun --nnodes ... -m distillad train ...")
     common(train)
 
     test = commands.add_parser("test", help="evaluate a run on a labelled test split",
@@ -115,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score images with a trained run",
                                   description="Writes OUT/predictions.csv, OUT/heatmaps/*.png and OUT/masks/*.png.")
     predict.add_argument("--run", required=True, type=Path)
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders (searched recursively), @LIST files (one path per line, '#' "
+                              "comments, relative to the list's folder) or quoted glob patterns ('imgs/**/*.png')")
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--no-images", action="store_true", help="only the CSV, no heatmaps or masks")
@@ -124,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what runs the scorer (default auto: the fastest installed runtime, OpenVINO then "
                               "onnxruntime, that agrees with torch on the run's validation images, else torch; the graph is exported once and "
                               "cached). Same labels on every runtime")
+    predict.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="local (default): this process; ray: a Ray Data pipeline whose actors each load the "
+                              "model once, same outputs plus OUT/shards/part-*.csv (needs distillad[ray]). With "
+                              "ray, --out, the inputs must be visible to every node under the same path")
+    predict.add_argument("--address", default=None,
+                         help="--engine ray: join the Ray cluster at HOST:PORT, ray://HOST:PORT or auto "
+                              "(default: start a local Ray)")
+    predict.add_argument("--ray-cpus", type=int, default=None,
+                         help="--engine ray: CPUs of the local Ray (default: all of this machine's)")
+    predict.add_argument("--workers", type=int, default=None,
+                         help="--engine ray: scoring actors (default: the Ray CPUs / --worker-threads)")
+    predict.add_argument("--worker-threads", type=int, default=1,
+                         help="--engine ray: threads (and Ray CPUs) per actor (default 1). torch's sums depend on "
+                              "its thread count: scores match --engine local to the last digit at equal --threads")
     common(predict)
 
     demo = commands.add_parser("demo", help="generate a synthetic inspection set, train DSKD, test and predict",
@@ -165,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="train and test variants x categories x seeds; write results.csv and results.md",
         description="Runs every (variant, category, seed) cell of a YAML spec (see benchmarks/*.yaml) or of the "
                     "flags, skipping finished cells, and rewrites OUT/results.csv and OUT/results.md after each. "
-                    "Relative paths are taken from the current folder.")
+                    "Relative paths are taken from the current folder. With --engine ray every cell is a Ray task "
+                    "(a local Ray, or the cluster at --address); the output folder and the data must then be on a "
+                    "filesystem every Ray node sees, under the same paths.")
     bench.add_argument("spec", nargs="?", type=Path, default=None, metavar="SPEC.yaml",
                        help="benchmark spec; the flags below replace its entries")
     bench.add_argument("--out", type=Path, default=None, help="output folder (spec: out)")
@@ -184,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rewrite results.csv and results.md from the finished cells; run nothing")
     bench.add_argument("--redo-changed", action="store_true",
                        help="retrain finished cells whose configuration differs from the spec's")
+    bench.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: one cell after another in this process (default); ray: one Ray task per cell, "
+                            "results written by this process only (needs pip install 'distillad[ray]')")
+    bench.add_argument("--address", default=None, metavar="ADDR",
+                       help="--engine ray: join the Ray cluster at HOST:PORT, ray://HOST:10001 or auto (default: "
+                            "start a local Ray); data and output folder must be on a filesystem every node sees")
+    bench.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                       help="--engine ray without --address: CPUs of the local Ray (default: all cores)")
+    bench.add_argument("--cell-threads", type=int, default=None, metavar="N",
+                       help="--engine ray: torch threads of each cell and the Ray CPUs it reserves (default 1)")
     common(bench)
     anomalies = commands.add_parser(
         "anomalies", help="draw AAND's synthetic anomalies on some training images, as a PNG grid",
@@ -249,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     import distillad
 
+    if args.nproc is not None:
+        from distillad.scale import ddp
+
+        ddp.check_nproc(args.nproc)
+        if args.nproc > 1:   # relaunch this very command line in N processes under torchrun's engine
+            argv = sys.argv[1:]
+            if vars(build_parser().parse_args(argv)) != vars(args):
+                raise ConfigError("--nproc launches from the command line only; from Python, run your script "
+                                  "with torchrun")
+            return ddp.launch_local(args.nproc, ddp.strip_nproc(argv), cpu=not (args.device or "").startswith("cuda"))
     settings: dict[str, Any] = {
         "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs, "steps": args.steps,
         "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
@@ -256,8 +297,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if args.lr is not None:
         settings["optimizer"] = {"lr": args.lr}
-    distillad.train(args.data, out=args.out, method=args.method, config=args.config, options=dict(args.option),
-                    overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, **settings)
+    try:
+        distillad.train(args.data, out=args.out, method=args.method, config=args.config, options=dict(args.option),
+                        overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, **settings)
+    except DistilladError:
+        if os.environ.get("RANK", "0") != "0" and not os.environ.get("DISTILLAD_DEBUG"):
+            return EXIT_USER_ERROR   # under torchrun every rank fails alike; process 0 says why, once
+        raise
     return 0
 
 
@@ -307,10 +353,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:   # refuse before loading anything
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    run = distillad.load(args.run, device=args.device or "cpu", runtime=args.runtime, threads=args.threads or 2,
+    from distillad.scale.ray_predict import RaySettings, check_engine_options   # imports no Ray
+
+    settings = RaySettings(args.address, args.ray_cpus, args.workers, args.worker_threads)
+    check_engine_options(args.engine, settings, args.device or "cpu")
+    if args.engine == "ray":
+        from distillad.scale.ray_session import import_ray
+
+        settings.check()
+        import_ray()   # without Ray: one line naming the extra, before the run is loaded
+    engine_options = {"engine": args.engine, "address": args.address, "ray_cpus": args.ray_cpus,
+                      "workers": args.workers, "worker_threads": args.worker_threads}
+    run = distillad.load(args.run, device=args.device or "cpu", runtime=args.runtime,
+                         threads=args.worker_threads if args.engine == "ray" else args.threads or 2,
                          log=lambda text: print(text, file=sys.stderr))
     predictions = run.predict_to_folder(args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
-                                        save_images=not args.no_images, progress=not args.no_progress)
+                                        save_images=not args.no_images, progress=not args.no_progress,
+                                        **engine_options)
     defective = sum(p.label == "defective" for p in predictions)
     failed = [p for p in predictions if p.error]
     for p in failed:
@@ -360,6 +419,12 @@ def cmd_speed(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from distillad.benchmark import build_spec, describe_plan, load_spec, plan_cells, run_benchmark, write_results
 
+    ray_only = [flag for flag, value in (("--address", args.address), ("--ray-cpus", args.ray_cpus),
+                                         ("--cell-threads", args.cell_threads)) if value is not None]
+    if args.engine == "local" and ray_only:
+        raise ConfigError(f"{', '.join(ray_only)} only apply to --engine ray (the local engine runs in this process)")
+    if args.address and args.ray_cpus is not None:
+        raise ConfigError("--ray-cpus sizes a local Ray; the cluster at --address has its own CPUs")
     flags: dict[str, Any] = {"out": args.out, "methods": args.methods, "categories": args.categories,
                              "seeds": args.seeds, "variants": args.variants, "speed": False if args.no_speed else None}
     from distillad.engine.preflight import check_output_folder
@@ -375,6 +440,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         spec.out.mkdir(parents=True, exist_ok=True)
         csv_path, md_path = write_results(spec, plan_cells(spec, overrides))
         print(f"wrote {csv_path} and {md_path}")
+        return 0
+    if args.engine == "ray":
+        from distillad.scale.ray_benchmark import DEFAULT_CELL_THREADS, run_benchmark_on_ray
+
+        run_benchmark_on_ray(spec, overrides=overrides, redo_changed=args.redo_changed, address=args.address,
+                             num_cpus=args.ray_cpus,
+                             cell_threads=DEFAULT_CELL_THREADS if args.cell_threads is None else args.cell_threads,
+                             log=lambda text: print(text, flush=True))
         return 0
     run_benchmark(spec, overrides=overrides, progress=not args.no_progress, redo_changed=args.redo_changed,
                   log=lambda text: print(text, flush=True))

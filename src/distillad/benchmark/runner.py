@@ -5,6 +5,10 @@ results files it relies on are plain functions of files elsewhere in the package
 
 Each cell trains into OUT/cells/<variant>/<category>/seed<k>/run with `train_run`, is evaluated with
 `evaluate_split` on the reloaded run (what `distillad test` does), and finishes by writing cell.json atomically.
+That work is split in two so that another engine can run the first part elsewhere: `compute_cell` (train or reuse,
+evaluate; writes the run folder only) and `write_cell` (test.json, then cell.json), which only the process that
+owns the results calls (`distillad.scale.ray_benchmark` runs `compute_cell` in Ray tasks, `write_cell` in the
+driver). `check_plan`, `speed_due` and `write_speed` are shared the same way.
 A cell with a cell.json of the same configuration is never redone; a cell whose run folder is complete (meta.json
 of the same configuration) but lacks cell.json is only evaluated; anything else is retrained with overwrite.
 After every cell, results.csv and results.md are rewritten atomically.
@@ -46,15 +50,23 @@ class BenchmarkResult:
     md_path: Path | None = None
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """Train (or reuse a complete run of the same config), evaluate the reloaded run, write test.json and cell.json."""
+def format_metrics(record: dict[str, Any]) -> str:
+    """A finished cell's five metrics as percentages, for the progress log."""
+    return ", ".join(f"{title} {record['metrics'][key] * 100:.1f}" for key, title in zip(METRIC_KEYS, METRIC_TITLES))
+
+
+def compute_cell(cell: Cell, *, progress: bool, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (or reuse a complete run of the same config) and evaluate the reloaded run: (record, evaluation).
+
+    The per-cell work of both engines: it writes the run folder only (train_run publishes it atomically); the
+    cell's results files are written by `write_cell`, in the local engine right after, on Ray by the driver."""
     start = time.perf_counter()
-    cell.cell_file.unlink(missing_ok=True)
     data = discover_mvtec(cell.data_dir, val_fraction=cell.config.val_fraction, seed=cell.config.seed)
     if not data.test:
         raise DataError(f"{cell.data_dir} has no test images; a benchmark category needs the MVTec layout with test/")
@@ -77,7 +89,6 @@ def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[st
     evaluation = evaluate_split(run.scorer, data, cell.config.image_size, batch_size=cell.config.batch_size,
                                 device=cell.config.device, calibration=run.calibration, progress=False)
     evaluation.update({"method": cell.config.method, "backbone": cell.config.backbone, "run": str(cell.run_dir)})
-    atomic_write_json(cell.folder / TEST_FILE, evaluation)
     record = {
         "variant": cell.variant, "category": cell.category, "seed": cell.seed, "data": str(cell.data_dir),
         "metrics": {k: evaluation[k] for k in METRIC_KEYS},
@@ -93,25 +104,43 @@ def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[st
         "run_dir": str(cell.run_dir),
         "config": cell.config.to_dict(),
     }
-    atomic_write_json(cell.cell_file, record)      # last: its presence means the cell is finished
+    return record, evaluation
+
+
+def write_cell(cell: Cell, record: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """Write the cell's test.json, then its cell.json (last: its presence means the cell is finished), atomically."""
+    atomic_write_json(cell.folder / TEST_FILE, evaluation)
+    atomic_write_json(cell.cell_file, record)
+
+
+def _run_cell(cell: Cell, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train (or reuse a complete run of the same config), evaluate the reloaded run, write test.json and cell.json."""
+    cell.cell_file.unlink(missing_ok=True)
+    record, evaluation = compute_cell(cell, progress=progress, log=log)
+    write_cell(cell, record, evaluation)
     return record
 
 
-def _ensure_speed(spec: BenchmarkSpec, variant: str, cells: list[Cell], log: Callable[[str], None]) -> None:
-    """Measure a variant's speed once, on its first finished cell's run; a failure is reported, not fatal."""
+def speed_due(spec: BenchmarkSpec, variant: str, cells: list[Cell]) -> Cell | None:
+    """The cell whose run a variant's speed is to be measured on (its first finished one), or None: no speed in the
+    spec, an evaluation-only variant (same network as the one it evaluates), nothing finished, or already measured."""
     if spec.speed is None or variant in spec.evaluated_runs_of:
-        return
+        return None
     finished = [c for c in cells if c.variant == variant and finished_record(c) is not None]
     if not finished or read_speed(spec, variant, finished[0].config) is not None:
-        return
-    cell = finished[0]
-    log(f"  measuring the speed of {variant} on {cell.run_dir} ({spec.speed['threads']} thread(s))")
-    try:
-        result = speed_report(run=cell.run_dir, threads=spec.speed["threads"], warmup=spec.speed["warmup"],
-                              repeats=spec.speed["repeats"], device=cell.config.device)
-    except SpeedError as error:
-        log(f"  warning: speed of {variant} not measured ({error}); it is retried on the next run")
-        return
+        return None
+    return finished[0]
+
+
+def measure_cell_speed(settings: dict[str, int], cell: Cell) -> dict[str, Any]:
+    """The speed figures of the cell's run (`speed_report` in a fresh process); SpeedError when it cannot run."""
+    return speed_report(run=cell.run_dir, threads=settings["threads"], warmup=settings["warmup"],
+                        repeats=settings["repeats"], device=cell.config.device)
+
+
+def write_speed(spec: BenchmarkSpec, variant: str, cell: Cell, result: dict[str, Any],
+                log: Callable[[str], None]) -> None:
+    """Save a variant's speed figures (with what they depend on) to OUT/speed/<variant>.json and log them."""
     atomic_write_json(speed_file(spec, variant), {"identity": speed_identity(cell.config, spec.speed),
                                                   "result": result})
     log(f"  {variant}: {result['latency_ms_bs1']:.1f} ms per image at batch 1, "
@@ -119,7 +148,21 @@ def _ensure_speed(spec: BenchmarkSpec, variant: str, cells: list[Cell], log: Cal
         f"{result['gflops']:.2f} GFLOPs")
 
 
-def _check_plan(spec: BenchmarkSpec, cells: list[Cell], statuses: dict[int, str], redo_changed: bool) -> None:
+def _ensure_speed(spec: BenchmarkSpec, variant: str, cells: list[Cell], log: Callable[[str], None]) -> None:
+    """Measure a variant's speed once, on its first finished cell's run; a failure is reported, not fatal."""
+    cell = speed_due(spec, variant, cells)
+    if cell is None:
+        return
+    log(f"  measuring the speed of {variant} on {cell.run_dir} ({spec.speed['threads']} thread(s))")
+    try:
+        result = measure_cell_speed(spec.speed, cell)
+    except SpeedError as error:
+        log(f"  warning: speed of {variant} not measured ({error}); it is retried on the next run")
+        return
+    write_speed(spec, variant, cell, result, log)
+
+
+def check_plan(spec: BenchmarkSpec, cells: list[Cell], statuses: dict[int, str], redo_changed: bool) -> None:
     """Fail before any training: changed cells without --redo-changed, evaluations of runs that will not exist,
     category folders that are missing."""
     changed = [c for c in cells if statuses[id(c)] == "changed"]
@@ -146,7 +189,7 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
     """Run every unfinished cell in order, rewriting the results after each; finished cells are skipped."""
     cells = plan_cells(spec, overrides)
     statuses = {id(c): cell_status(c) for c in cells}
-    _check_plan(spec, cells, statuses, redo_changed)
+    check_plan(spec, cells, statuses, redo_changed)
     todo = [c for c in cells if statuses[id(c)] != "done"]
     result = BenchmarkResult(cells=cells, skipped=[c for c in cells if statuses[id(c)] == "done"])
     log(f"benchmark: {len(cells)} cells in {spec.out}: {len(result.skipped)} already finished, {len(todo)} to run")
@@ -158,17 +201,16 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
     for number, cell in enumerate(todo, 1):
         done_before = len(result.skipped) + len(result.ran)
         log(f"[{done_before + 1}/{len(cells)}] {cell.label}: {'evaluating' if statuses[id(cell)] == 'trained' else 'training'}"
-            f" (elapsed {_clock(time.perf_counter() - start)})")
+            f" (elapsed {clock(time.perf_counter() - start)})")
         record = _run_cell(cell, progress, log)
         result.ran.append(cell)
         elapsed = time.perf_counter() - start
         left = elapsed / number * (len(todo) - number)
-        metrics = ", ".join(f"{title} {record['metrics'][key] * 100:.1f}" for key, title in
-                            zip(METRIC_KEYS, METRIC_TITLES))
-        log(f"[{done_before + 1}/{len(cells)}] {cell.label} done: {metrics}; trained {record['train_seconds']:.0f} s; "
-            f"elapsed {_clock(elapsed)}, ~{_clock(left)} left for {len(todo) - number} cell(s)")
+        log(f"[{done_before + 1}/{len(cells)}] {cell.label} done: {format_metrics(record)}; trained "
+            f"{record['train_seconds']:.0f} s; elapsed {clock(elapsed)}, ~{clock(left)} left for "
+            f"{len(todo) - number} cell(s)")
         _ensure_speed(spec, cell.variant, cells, log)
         result.csv_path, result.md_path = write_results(spec, cells)
     log(f"benchmark finished: {len(result.ran)} cell(s) run, {len(result.skipped)} skipped, "
-        f"{_clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
+        f"{clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
     return result

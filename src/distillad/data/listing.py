@@ -1,10 +1,13 @@
 """Which files on disk are images: the one place that lists folders, for discovery, textures and prediction.
 
 Hidden entries (names starting with a dot) are always skipped; everything is sorted so results are deterministic.
+`resolve_inputs` also takes list files (`@paths.txt`) and glob patterns, so a job over millions of files need not
+pass them on a command line (the local and the Ray `predict` both read their inputs through it).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -12,8 +15,8 @@ from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS, DataError, PathLike, is_image_file
 
-__all__ = ["EXTENSIONS_TEXT", "find_images", "has_images", "image_dir", "list_images", "name_some", "require_dir",
-           "scan_dir", "warn_ignored"]
+__all__ = ["EXTENSIONS_TEXT", "find_images", "has_images", "image_dir", "list_images", "name_some", "read_list_file",
+           "require_dir", "resolve_inputs", "scan_dir", "warn_ignored"]
 
 EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS)
 _MAX_LISTED = 5  # how many file names a warning or error lists before summarising with a count
@@ -101,3 +104,71 @@ def list_images(path_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
     if not out:
         raise DataError(f"no images found in {name_some(inputs)} (accepted extensions: {EXTENSIONS_TEXT})")
     return out
+
+
+LIST_FILE_PREFIX = "@"
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _is_pattern(text: str) -> bool:
+    return any(char in _GLOB_CHARS for char in text)
+
+
+def _expand_pattern(pattern: str, where: str) -> list[Path]:
+    """The image files and folders a glob pattern matches, sorted (`**` spans folders; hidden names only match a
+    pattern that spells the dot). `where` names the pattern's origin in the error when nothing matches."""
+    matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True))  # as find_images
+    found = [m for m in matches if m.is_dir() or is_image_file(m)]
+    if not found:
+        raise DataError(f"{where}: the pattern {pattern!r} matches no images or folders "
+                        f"(accepted extensions: {EXTENSIONS_TEXT})")
+    return found
+
+
+def read_list_file(list_file: Path) -> list[Path]:
+    """The entries of a list file: one path (file, folder or glob pattern) per line; blank lines and lines
+    starting with '#' skipped; relative paths taken from the list file's folder."""
+    list_file = list_file.expanduser()
+    if not list_file.is_file():
+        raise DataError(f"list file {list_file} " + ("is not a file" if list_file.exists() else "does not exist"))
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"list file {list_file} cannot be read: {error}") from None
+    entries: list[Path] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            path = list_file.parent / path
+        where = f"{list_file}:{line_number}"
+        if not path.exists() and _is_pattern(entry):
+            entries.extend(_expand_pattern(str(path), where))
+        elif not path.exists():
+            raise DataError(f"{where}: {path} does not exist")
+        else:
+            entries.append(path)
+    if not entries:
+        raise DataError(f"list file {list_file} names no paths (one path per line; '#' starts a comment)")
+    return entries
+
+
+def resolve_inputs(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Image files from files, folders (searched recursively), list files (`@paths.txt`, see `read_list_file`) and
+    glob patterns the shell left unexpanded ('images/**/*.png'): sorted within each input, in input order,
+    each file once. A path that exists as written is taken literally, even when it looks like a pattern."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    expanded: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        if os.path.exists(os.path.expanduser(text)):
+            expanded.append(Path(text))
+        elif text.startswith(LIST_FILE_PREFIX):
+            expanded.extend(read_list_file(Path(text[len(LIST_FILE_PREFIX):])))
+        elif _is_pattern(text):
+            expanded.extend(_expand_pattern(text, "input"))
+        else:
+            expanded.append(Path(text))   # list_images says it does not exist
+    return list_images(expanded)

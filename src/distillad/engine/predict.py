@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillad.data import list_images
 from distillad.data.images import array_to_tensor, decode_image, resize_image_array
+from distillad.data.listing import resolve_inputs
 from distillad.engine.checkpoint import LoadedRun
 from distillad.errors import ConfigError, DataError, RunError
 from distillad.heatmaps import overlay, png_bytes, resize_map, to_rgb_u8
@@ -117,10 +117,13 @@ def _inputs_outside(paths: list[Path], out_dir: Path) -> list[Path]:
     return [p for p in paths if not p.resolve().is_relative_to(out)]
 
 
+OUTPUT_FOLDERS = ("heatmaps", "masks", "shards")   # shards: the Ray engine's CSV parts (scale.ray_predict)
+
+
 def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace out_dir's previous results by the staged ones as a whole: the image folders first, the CSV (the
-    file that says which images belong to the run) last, so a reader never pairs a CSV with other images."""
-    for name in ("heatmaps", "masks"):
+    """Replace out_dir's previous results by the staged ones as a whole: the folders first, the CSV (the file that
+    says which images belong to the run) last, so a reader never pairs a CSV with other images."""
+    for name in OUTPUT_FOLDERS:
         old, new = out_dir / name, staging / name
         if old.exists():
             old.rename(staging / f".old-{name}")
@@ -135,10 +138,87 @@ CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("path", "score", "normalized_score", "label", "error")
 
 
+def csv_fields(prediction: Prediction) -> list[str]:
+    """One predictions.csv row: the one formatting of scores every engine writes."""
+    p = prediction
+    return [str(p.path), "" if p.error else f"{p.score:.6g}",
+            "" if p.normalized_score is None else f"{p.normalized_score:.4f}", p.label, p.error or ""]
+
+
+def csv_text(predictions: list[Prediction]) -> str:
+    """predictions.csv (header included) for `predictions` in the order given."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_fields(p) for p in predictions)
+    return buffer.getvalue()
+
+
+def prepare_output(inputs: list[str | Path], out_dir: str | Path, overwrite: bool) -> tuple[Path, list[Path]]:
+    """Check out_dir before any work and resolve the inputs (files, folders, @list files, globs; files inside
+    out_dir dropped). Returns out_dir as a Path and the image files to score, in order."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"--out {out_dir} exists and is not a folder")
+    csv_path = out_dir / CSV_NAME
+    if csv_path.exists() and not overwrite:
+        raise RunError(f"{csv_path} already exists; choose another --out or pass --overwrite")
+    paths = _inputs_outside(resolve_inputs(inputs), out_dir)
+    if not paths:
+        raise DataError(f"no images to predict outside the output folder {out_dir}")
+    return out_dir, paths
+
+
+def make_staging(out_dir: Path) -> Path:
+    """A fresh hidden folder inside out_dir that the results are written to before `_swap_in`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out_dir, prefix=".predict-"))
+
+
+def decode_files(paths: list[Path]) -> list[np.ndarray | str]:
+    """Each file decoded, or the reason it cannot be (a string): one unreadable file never stops the others."""
+    decoded: list[np.ndarray | str] = []
+    for path in paths:
+        try:
+            decoded.append(decode_image(path))
+        except DataError as error:
+            decoded.append(str(error))
+    return decoded
+
+
+def score_chunk(run: LoadedRun, paths: list[Path], names: list[str], decoded: list[np.ndarray | str],
+                staging: Path, *, save_images: bool = True, device: str | torch.device = "cpu") -> list[Prediction]:
+    """Score one batch of decoded files (`decode_files`) and write their heatmaps and masks into staging under
+    `names`. Returns one Prediction per path, in order, maps dropped once written; unreadable files get label
+    "error". The batch is the unit both engines score, so equal batches give equal scores."""
+    readable = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+    arrays = [decoded[i] for i in readable]
+    scored = predict_batch(run, arrays, [paths[i] for i in readable], device) if arrays else []
+    calibration = run.calibration
+    threshold = calibration.threshold if calibration else float("inf")
+    # Colour scale: twice the threshold saturates, so a normal image stays blue and a defect turns red.
+    scale_max = 2.0 * threshold if calibration else None
+    by_offset: dict[int, Prediction] = {}
+    for offset, array, prediction in zip(readable, arrays, scored):
+        if save_images:
+            full_map = prediction.anomaly_map
+            heat_scale = scale_max if scale_max is not None else float(full_map.max())
+            atomic_write_bytes(staging / "heatmaps" / f"{names[offset]}.png",
+                               heatmap_png(array, full_map, threshold, heat_scale))
+            if prediction.mask is not None:
+                atomic_write_bytes(staging / "masks" / f"{names[offset]}_mask.png",
+                                   png_bytes(prediction.mask.astype(np.uint8) * 255))
+        prediction.anomaly_map = prediction.mask = None   # written; do not hold every map in memory
+        by_offset[offset] = prediction
+    return [by_offset[i] if i in by_offset else Prediction(path, float("nan"), None, "error", error=decoded[i])
+            for i, path in enumerate(paths)]
+
+
 def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path, *, batch_size: int = 8,
                   device: str | torch.device = "cpu", overwrite: bool = False, save_images: bool = True,
                   progress: bool = True) -> list[Prediction]:
-    """Score image files and folders; write predictions.csv, heatmap overlays and masks into out_dir.
+    """Score image files and folders (or @list files and glob patterns, see `resolve_inputs`); write
+    predictions.csv, heatmap overlays and masks into out_dir.
 
     Each file is decoded once: the model input is resized from it and the overlay drawn on it. A file that cannot
     be read gets a row with label "error" and the reason, and the others are still scored. Everything is written
@@ -148,55 +228,16 @@ def predict_paths(run: LoadedRun, inputs: list[str | Path], out_dir: str | Path,
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"--out {out_dir} exists and is not a folder")
-    csv_path = out_dir / CSV_NAME
-    if csv_path.exists() and not overwrite:
-        raise RunError(f"{csv_path} already exists; choose another --out or pass --overwrite")
-    paths = _inputs_outside(list_images([Path(p) for p in inputs]), out_dir)
-    if not paths:
-        raise DataError(f"no images to predict outside the output folder {out_dir}")
+    out_dir, paths = prepare_output(inputs, out_dir, overwrite)
     names = output_names(paths)
-    calibration = run.calibration
-    threshold = calibration.threshold if calibration else float("inf")
-    # Colour scale: twice the threshold saturates, so a normal image stays blue and a defect turns red.
-    scale_max = 2.0 * threshold if calibration else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".predict-"))
+    staging = make_staging(out_dir)
     try:
         predictions: list[Prediction] = []
         for start in tqdm(range(0, len(paths), batch_size), disable=not progress, unit="batch", desc="predicting"):
-            chunk, readable, arrays = paths[start:start + batch_size], [], []
-            for offset, path in enumerate(chunk):
-                try:
-                    arrays.append(decode_image(path))
-                    readable.append(offset)
-                except DataError as error:
-                    predictions.append(Prediction(path, float("nan"), None, "error", error=str(error)))
-            scored = predict_batch(run, arrays, [chunk[i] for i in readable], device) if arrays else []
-            for offset, array, prediction in zip(readable, arrays, scored):
-                if save_images:
-                    name = names[start + offset]
-                    full_map = prediction.anomaly_map
-                    heat_scale = scale_max if scale_max is not None else float(full_map.max())
-                    atomic_write_bytes(staging / "heatmaps" / f"{name}.png",
-                                       heatmap_png(array, full_map, threshold, heat_scale))
-                    if prediction.mask is not None:
-                        atomic_write_bytes(staging / "masks" / f"{name}_mask.png",
-                                           png_bytes(prediction.mask.astype(np.uint8) * 255))
-                prediction.anomaly_map = prediction.mask = None   # written; do not hold every map in memory
-                predictions.append(prediction)
-        order = {path: i for i, path in enumerate(paths)}
-        predictions.sort(key=lambda p: order[p.path])
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(CSV_COLUMNS)
-        for p in predictions:
-            writer.writerow([str(p.path), "" if p.error else f"{p.score:.6g}",
-                             "" if p.normalized_score is None else f"{p.normalized_score:.4f}", p.label,
-                             p.error or ""])
-        atomic_write_text(staging / CSV_NAME, buffer.getvalue())
+            chunk = paths[start:start + batch_size]
+            predictions.extend(score_chunk(run, chunk, names[start:start + batch_size], decode_files(chunk), staging,
+                                           save_images=save_images, device=device))
+        atomic_write_text(staging / CSV_NAME, csv_text(predictions))
         _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from distillad.data import CategorySplit, ImageDataset
@@ -23,6 +24,7 @@ from distillad.engine.device import resolve_device
 from distillad.engine.calibrate import fit_normal_statistics
 from distillad.engine.preflight import check_free_space, check_output_folder, decode_all
 from distillad.engine.resume import (
+    Checkpoint,
     StageProgress,
     fingerprint,
     open_work_dir,
@@ -32,9 +34,11 @@ from distillad.engine.resume import (
     save_checkpoint,
     work_dir,
 )
-from distillad.errors import RunError
+from distillad.errors import ConfigError, RunError
 from distillad.methods import DistillationModel, build_model
 from distillad.methods.base import FitContext, TrainingStage
+from distillad.scale import ddp
+from distillad.scale.ddp import SINGLE_PROCESS, DistributedContext
 from distillad.scoring import Calibration, make_scorer
 
 
@@ -103,26 +107,63 @@ def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: i
     return [torch.cat(parts) for parts in zip(*levels)]
 
 
+def distributed_teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: int,
+                              device: torch.device, memory_format: torch.memory_format,
+                              dist: DistributedContext) -> list[torch.Tensor]:
+    """`teacher_cache` under torchrun: each rank computes the teacher's features of its contiguous share of the
+    images, then all ranks gather the shares, so every rank holds the whole cache in dataset order (the shuffled
+    sampler gives a rank other images each epoch) for a 1/world share of the teacher's work."""
+    start, stop = ddp.shard_bounds(len(dataset), dist)
+    levels = teacher_cache(model, Subset(dataset, range(start, stop)), batch_size, device, memory_format)
+    return ddp.gather_shards(levels, len(dataset), dist)
+
+
+def _distributed_loader(train_set: ImageDataset, global_batch: int, config: TrainConfig, generator: torch.Generator,
+                        dist: DistributedContext) -> tuple[DataLoader, DistributedSampler]:
+    """Each rank's share of every global batch: batch_size / world images per step, the images sharded by a
+    seeded DistributedSampler (padded so every rank takes the same number of steps, the steps of one process)."""
+    batch = ddp.per_rank_batch(global_batch, dist.world_size)
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    # As in one process, BatchNorm gets no trailing batch of one image (here: per process).
+    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, generator=generator,
+                        drop_last=len(sampler) % batch == 1 and len(sampler) > 1)
+    return loader, sampler
+
+
 EpochCallback = Callable[[StageProgress], None]
 
 
 def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
                device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
                log: Callable[[str], None], resumed: StageProgress | None = None,
-               on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+               on_epoch: EpochCallback | None = None, dist: DistributedContext = SINGLE_PROCESS) -> dict[str, Any]:
     """One optimisation stage: its own optimizer, schedule and step budget; returns its history.
 
     `on_epoch` gets the stage's full state at the end of every epoch (to checkpoint it); `resumed`, such a state
     from an interrupted run, continues the stage after that epoch, drawing the same random numbers.
     A fit stage (`stage.fit`, e.g. PatchCore's memory bank) gets one pass over the training images instead: no
-    optimizer (a model without trainable parameters must not make one), no gradients, one history entry."""
+    optimizer (a model without trainable parameters must not make one), no gradients, one history entry.
+
+    Under torchrun (`dist`, see `distillad.scale.ddp`) the stage's loss runs in DDP on each rank's share of the
+    global batch, the logged loss is the global mean, and a fit stage runs on rank 0 while the others wait."""
     if stage.is_fit:
-        return _run_fit_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
+        if not dist.enabled:
+            return _run_fit_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
+        log(f"{prefix}a fit stage runs in process 0 over every image; {dist.world_size - 1} other(s) wait")
+        report = (_run_fit_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log)
+                  if dist.is_main else None)
+        ddp.sync_state(model, dist)
+        return ddp.broadcast_object(report, dist)
     batch_size = min(config.batch_size, len(train_set))
     generator = torch.Generator().manual_seed(config.seed)
-    # BatchNorm cannot train on a batch of one: drop a trailing single image.
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
+    sampler: DistributedSampler | None = None
+    if dist.enabled:
+        loader, sampler = _distributed_loader(train_set, batch_size, config, generator, dist)
+    else:
+        # BatchNorm cannot train on a batch of one: drop a trailing single image.
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                            drop_last=len(train_set) % batch_size == 1 and len(train_set) > 1)
     optimizer_config = stage.optimizer or config.optimizer
     steps_per_epoch = len(loader)
     epochs = max(1, round(config.epochs_for(steps_per_epoch) * stage.length_ratio))
@@ -130,32 +171,48 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
     scheduler = make_scheduler(optimizer, optimizer_config, epochs)
     history: list[dict[str, float]] = []
     first_epoch, earlier_seconds = 0, 0.0
+    resumed_random = resumed_stage_state = None
     if resumed is not None:
         optimizer.load_state_dict(resumed.optimizer)
         scheduler.load_state_dict(resumed.scheduler)
         history, first_epoch, earlier_seconds = list(resumed.history), resumed.epoch, resumed.seconds
-        if stage.load_state is not None and resumed.stage_state is not None:
-            stage.load_state(resumed.stage_state)
+        resumed_random, resumed_stage_state = resumed.random, resumed.stage_state
+        if dist.enabled:   # a distributed checkpoint holds every rank's own random state
+            resumed_random = resumed_random["per_rank"][dist.rank]
+            resumed_stage_state = resumed_stage_state["per_rank"][dist.rank] if resumed_stage_state else None
+        if stage.load_state is not None and resumed_stage_state is not None:
+            stage.load_state(resumed_stage_state)
     if first_epoch >= epochs:
         return {"name": stage.name, "epochs": epochs, "seconds": earlier_seconds, "history": history}
     log(f"{prefix}{epochs} epochs x {steps_per_epoch} steps, batch {batch_size}"
+        + (f" ({loader.batch_size} in each of {dist.world_size} processes)" if dist.enabled else "")
         + (f"; resuming after epoch {first_epoch}" if first_epoch else ""))
     start = time.perf_counter() - earlier_seconds
     use_cache = stage.cache_teacher and config.cache_teacher
-    cache = teacher_cache(model, train_set, batch_size, device, memory_format) if use_cache else None
+    if use_cache and dist.enabled:
+        cache = distributed_teacher_cache(model, train_set, loader.batch_size or 1, device, memory_format, dist)
+    else:
+        cache = teacher_cache(model, train_set, batch_size, device, memory_format) if use_cache else None
     if resumed is not None:   # after the cache, whose loader draws from torch's generator too
-        restore_random_state(resumed.random, generator)
+        restore_random_state(resumed_random, generator)
+    compute_loss = (ddp.wrap_stage(model, stage.loss, stage.parameters(), device,
+                                   skips_parameters=stage.skips_parameters)
+                    if dist.enabled else stage.loss)
     bar = tqdm(total=epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, disable=not progress,
                unit="step", dynamic_ncols=True, desc=stage.name)
     for epoch in range(first_epoch, epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         stage.on_train(model)
         epoch_loss, seen = 0.0, 0
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             teacher = [level[batch["index"].to(device)] for level in cache] if cache is not None else None
-            loss = stage.loss(images, teacher)
-            loss_value = float(loss.detach())
+            loss = compute_loss(images, teacher)
+            loss_value, batch_images = float(loss.detach()), images.shape[0]
+            if dist.enabled:   # every rank sees the global loss, so a non-finite one stops them all
+                loss_value, batch_images = ddp.global_mean(loss_value, batch_images, device)
             if not math.isfinite(loss_value):
                 bar.close()
                 raise RunError(f"the {stage.name} loss became {loss_value} at epoch {epoch + 1}: lower the "
@@ -163,8 +220,8 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_loss += loss_value * images.shape[0]
-            seen += images.shape[0]
+            epoch_loss += loss_value * batch_images
+            seen += batch_images
             elapsed = time.perf_counter() - start
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4f}",
                             img_s=f"{((epoch - first_epoch) * len(train_set) + seen) / max(elapsed - earlier_seconds, 1e-9):.1f}")
@@ -172,11 +229,17 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
         scheduler.step()
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
                         "seconds": time.perf_counter() - start})
+        random, stage_state = random_state(generator), stage.state() if stage.state is not None else None
+        if dist.enabled:   # rank 0's running statistics everywhere; every rank's random state into the checkpoint
+            ddp.sync_buffers(model)
+            gathered = ddp.all_gather_object((random, stage_state), dist)
+            random = {"per_rank": [rank_random for rank_random, _ in gathered]}
+            stage_state = {"per_rank": [rank_state for _, rank_state in gathered]} if stage_state is not None else None
         if on_epoch is not None:
             on_epoch(StageProgress(
                 epoch=epoch + 1, history=history, seconds=time.perf_counter() - start,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                random=random_state(generator), stage_state=stage.state() if stage.state is not None else None))
+                random=random, stage_state=stage_state))
         if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
             log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
                 f"{history[-1]['seconds']:.0f} s")
@@ -237,7 +300,7 @@ def calibration_warning(n_val: int, name: str) -> str | None:
 
 
 def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, progress: bool = True,
-              overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+              overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult | None:
     """Train `config.method` on data.train, calibrate on data.val (defect-free only), save to run_dir.
 
     Everything that can be checked is checked before the first step: every image decodes, the run folder can be
@@ -245,25 +308,66 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     of every epoch; `resume` continues an interrupted run of the same settings and data from its last checkpoint
     to the same weights an uninterrupted run reaches. The finished run is moved into run_dir by renames, so
     run_dir holds the previous run or the new one, never a mix (engine/resume.py).
+
+    Under torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel training (`distillad.scale.ddp`):
+    rank 0 logs, checkpoints, calibrates and publishes the run and returns its result; the others return None once
+    the run is published.
     """
-    run_dir = Path(run_dir)
-    check_output_folder(run_dir)
-    check_run_dir_free(run_dir, overwrite)
-    device = resolve_device(config.device)
-    if not data.train:
-        raise RunError(f"no defect-free training images in {data.name}")
-    train_set = ImageDataset(data.train, config.image_size)
-    val_set = ImageDataset(data.val, config.image_size)
-    decode_all(train_set, "training")
-    decode_all(val_set, "validation")
+    dist = ddp.context_from_environment()
+    if not dist.enabled:
+        return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, SINGLE_PROCESS, None)
+    device, created = ddp.start(dist, resolve_device(config.device))
+    try:
+        if not dist.is_main:
+            progress, log = False, _silent
+        return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, dist, device)
+    finally:
+        ddp.stop(created)
+
+
+def _silent(message: str) -> None:
+    """The log of every rank but 0."""
+
+
+def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress: bool, overwrite: bool,
+               resume: bool, log: Callable[[str], None], dist: DistributedContext,
+               rank_device: torch.device | None) -> TrainResult | None:
+    """`train_run` in one process (`dist` SINGLE_PROCESS) or as one rank on `rank_device` under torchrun."""
+
+    def preflight() -> tuple[torch.device, ImageDataset, ImageDataset]:
+        check_output_folder(run_dir)
+        check_run_dir_free(run_dir, overwrite)
+        device = rank_device or resolve_device(config.device)
+        if not data.train:
+            raise RunError(f"no defect-free training images in {data.name}")
+        if len(data.train) < dist.world_size:
+            raise ConfigError(f"{len(data.train)} training image(s) cannot be shared by {dist.world_size} processes")
+        if dist.enabled:
+            ddp.per_rank_batch(min(config.batch_size, len(data.train)), dist.world_size)
+        train_set = ImageDataset(data.train, config.image_size)
+        val_set = ImageDataset(data.val, config.image_size)
+        decode_all(train_set, "training")
+        decode_all(val_set, "validation")
+        return device, train_set, val_set
+
+    device, train_set, val_set = ddp.agree(dist, preflight) if dist.enabled else preflight()
     seed_everything(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.method, config.backbone, config.options, pretrained=True,
                         weights=config.weights).to(device, memory_format=memory_format)
-    check_free_space(run_dir.parent, model)
-    identity = fingerprint(config.to_dict(), [str(s.path) for s in data.train], [str(s.path) for s in data.val])
+    # The world size is part of what a checkpoint must match: each rank's random state is saved in it.
+    settings = config.to_dict() if not dist.enabled else {**config.to_dict(), "world_size": dist.world_size}
+    identity = fingerprint(settings, [str(s.path) for s in data.train], [str(s.path) for s in data.val])
     work = work_dir(run_dir)
-    checkpoint = open_work_dir(run_dir, identity, resume=resume, overwrite=overwrite, log=log)
+
+    def open_work() -> Checkpoint | None:
+        check_free_space(run_dir.parent, model)
+        return open_work_dir(run_dir, identity, resume=resume, overwrite=overwrite, log=log)
+
+    if dist.enabled:   # rank 0 owns the work folder; every rank continues from its checkpoint
+        checkpoint = ddp.broadcast_object(ddp.agree(dist, open_work if dist.is_main else lambda: None), dist)
+    else:
+        checkpoint = open_work()
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model)
     stages = model.training_stages()
@@ -276,18 +380,25 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
             log(f"stage {index + 1} ({stage.name}) finished before the interruption")
             continue
         prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
-        seed_everything(config.seed + index)
+        # Rank 0 keeps the seed of one process; other ranks draw other (reproducible) random numbers.
+        seed_everything(ddp.rank_seed(config.seed + index, dist.rank))
         resumed = checkpoint.progress if checkpoint is not None and checkpoint.stage == index else None
 
         def on_epoch(state: StageProgress, index: int = index) -> None:
-            save_checkpoint(work, identity, model, index, state, stage_reports)
+            if dist.is_main:
+                save_checkpoint(work, identity, model, index, state, stage_reports)
 
         report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log,
-                            resumed=resumed, on_epoch=on_epoch)
+                            resumed=resumed, on_epoch=on_epoch, dist=dist)
         stage_reports.append(report)
-        if stage.is_fit:   # a fit stage has no epochs; checkpoint its result before calibration
+        if stage.is_fit and dist.is_main:   # a fit stage has no epochs; checkpoint its result before calibration
             save_checkpoint(work, identity, model, index + 1, StageProgress(0, [], 0.0), stage_reports)
     train_seconds = sum(r["seconds"] for r in stage_reports)
+    if dist.enabled:
+        ddp.write_debug_record(model, dist, stage_reports[-1]["history"])
+        if not dist.is_main:   # rank 0 alone calibrates and publishes; wait until the run is there
+            ddp.barrier()
+            return None
 
     model.eval()
     if len(val_set) == 0:
@@ -297,7 +408,7 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     else:
         calibration_set, calibration_source = val_set, "validation"
     if warning:
-        warnings.warn(warning, stacklevel=2)
+        warnings.warn(warning, stacklevel=3)
     val_loss = mean_loss(model, val_set, config.batch_size, device)
     save_model(work, model)
     # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
@@ -315,11 +426,13 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
         "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
                      "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
                      "calibration_source": calibration_source, "history": history,
-                     "resumed": checkpoint is not None,
+                     "resumed": checkpoint is not None, "world_size": dist.world_size,
                      "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
     }
     write_meta(work, model, config, calibration, extra)
     publish_run(work, run_dir, (MODEL_FILE, META_FILE), META_FILE)
+    if dist.enabled:
+        ddp.barrier()
     log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
         f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")
     return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)

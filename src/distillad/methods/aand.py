@@ -341,7 +341,7 @@ class AAND(DistillationModel):
 
         return TrainingStage("amplify", amplifiers.parameters, loss, cache_teacher=False,
                              length_ratio=AMPLIFY_EPOCHS / DISTILL_EPOCHS, state=random_state,
-                             load_state=load_random_state)
+                             load_state=load_random_state, skips_parameters=True)
 
     # -- stage 2 ----------------------------------------------------------------------------------------------
     def student_parameters(self) -> Iterator[nn.Parameter]:

@@ -120,6 +120,10 @@ class TrainingStage:
     # Values are tensors, numbers, strings and lists/dicts of them (checkpoints load with weights_only=True).
     state: Callable[[], dict[str, Any]] | None = None
     load_state: Callable[[dict[str, Any]], None] | None = None
+    # The loss may leave some of `parameters` without a gradient on a step (AAND's amplifiers skip a level whose
+    # batch has no anomalous pixel): data-parallel training then looks for them every step (DDP's
+    # find_unused_parameters), which costs a traversal of the autograd graph, so it is off for other stages.
+    skips_parameters: bool = False
 
     def __post_init__(self) -> None:
         if (self.loss is None) == (self.fit is None):
