@@ -100,6 +100,25 @@ def test_run_folder_round_trip(tiny_run):
     assert run.calibration == result.calibration
 
 
+def test_every_epoch_records_the_held_out_loss_without_drawing_random_numbers(tiny_run):
+    """The defect-free validation loss of each epoch is in the history (the label-free convergence curve), the last
+    one is the run's validation loss, and measuring it leaves torch's global generator where it was: training's
+    next random numbers, hence resume and DDP, do not depend on it (a DataLoader would draw a seed)."""
+    from distillad.data.dataset import ImageDataset
+    from distillad.engine.train import mean_loss
+
+    run_dir, result, data = tiny_run
+    training = json.loads((run_dir / META_FILE).read_text())["training"]
+    assert [entry["epoch"] for entry in training["history"]] == [1]
+    assert training["history"][-1]["val_loss"] == pytest.approx(training["val_loss"], rel=1e-4)
+    assert training["val_loss"] > 0
+    val_set = ImageDataset(data.val, 64)
+    before = torch.get_rng_state()
+    loss = mean_loss(result.model, val_set, 2, torch.device("cpu"))
+    assert torch.equal(before, torch.get_rng_state())
+    assert loss == pytest.approx(training["val_loss"], rel=1e-4)     # batch size does not change the mean
+
+
 def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
     run_dir, result, data = tiny_run
     images = torch.rand(2, 3, 64, 64)

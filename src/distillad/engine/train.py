@@ -79,18 +79,22 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def mean_loss(model: DistillationModel, dataset: ImageDataset, batch_size: int, device: torch.device) -> float:
-    """Training loss on defect-free held-out images (eval mode): a label-free view of convergence."""
+def mean_loss(model: DistillationModel, dataset: ImageDataset, batch_size: int, device: torch.device,
+              memory_format: torch.memory_format = torch.contiguous_format) -> float:
+    """Training loss on defect-free held-out images (eval mode): a label-free view of convergence.
+
+    Batches are built by hand, not by a DataLoader, whose iterator draws a seed from torch's global generator:
+    measuring must not change the random numbers training draws next (resume and DDP rely on them)."""
     if len(dataset) == 0:
         return float("nan")
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size):
-            images = batch["image"].to(device)
+        for start in range(0, len(dataset), batch_size):
+            images = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
+            images = images.to(device).contiguous(memory_format=memory_format)
             total += float(model.training_loss(images)) * images.shape[0]
-            count += images.shape[0]
-    return total / count
+    return total / len(dataset)
 
 
 def teacher_cache(model: DistillationModel, dataset: ImageDataset, batch_size: int, device: torch.device,
@@ -137,8 +141,13 @@ EpochCallback = Callable[[StageProgress], None]
 def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConfig, train_set: ImageDataset,
                device: torch.device, memory_format: torch.memory_format, progress: bool, prefix: str,
                log: Callable[[str], None], resumed: StageProgress | None = None,
-               on_epoch: EpochCallback | None = None, dist: DistributedContext = SINGLE_PROCESS) -> dict[str, Any]:
+               on_epoch: EpochCallback | None = None, dist: DistributedContext = SINGLE_PROCESS,
+               val_set: ImageDataset | None = None) -> dict[str, Any]:
     """One optimisation stage: its own optimizer, schedule and step budget; returns its history.
+
+    With `val_set`, each epoch's history entry also holds `val_loss`, the stage's loss on those defect-free held-out
+    images, when the stage trains the model's own distillation loss (a preparatory stage, e.g. AAND's
+    amplification, trains another objective, for which that number says nothing).
 
     `on_epoch` gets the stage's full state at the end of every epoch (to checkpoint it); `resumed`, such a state
     from an interrupted run, continues the stage after that epoch, drawing the same random numbers.
@@ -198,6 +207,7 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
     compute_loss = (ddp.wrap_stage(model, stage.loss, stage.parameters(), device,
                                    skips_parameters=stage.skips_parameters)
                     if dist.enabled else stage.loss)
+    held_out = val_set if val_set is not None and len(val_set) and stage.loss == model.training_loss else None
     bar = tqdm(total=epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, disable=not progress,
                unit="step", dynamic_ncols=True, desc=stage.name)
     for epoch in range(first_epoch, epochs):
@@ -227,11 +237,16 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
                             img_s=f"{((epoch - first_epoch) * len(train_set) + seen) / max(elapsed - earlier_seconds, 1e-9):.1f}")
             bar.update(1)
         scheduler.step()
-        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1),
-                        "seconds": time.perf_counter() - start})
-        random, stage_state = random_state(generator), stage.state() if stage.state is not None else None
-        if dist.enabled:   # rank 0's running statistics everywhere; every rank's random state into the checkpoint
+        entry = {"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1), "seconds": time.perf_counter() - start}
+        if dist.enabled:   # rank 0's running statistics everywhere, before anything evaluates the model
             ddp.sync_buffers(model)
+        if held_out is not None:   # every rank measures the same weights on the same images: the same number
+            entry["val_loss"] = mean_loss(model, held_out, batch_size, device, memory_format)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{entry['train_loss']:.4f}",
+                            val_loss=f"{entry['val_loss']:.4f}")
+        history.append(entry)
+        random, stage_state = random_state(generator), stage.state() if stage.state is not None else None
+        if dist.enabled:   # every rank's random state into the checkpoint
             gathered = ddp.all_gather_object((random, stage_state), dist)
             random = {"per_rank": [rank_random for rank_random, _ in gathered]}
             stage_state = {"per_rank": [rank_state for _, rank_state in gathered]} if stage_state is not None else None
@@ -241,8 +256,9 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 random=random, stage_state=stage_state))
         if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
-            log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
-                f"{history[-1]['seconds']:.0f} s")
+            val = f", validation loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""
+            log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {entry['train_loss']:.4f}{val}, "
+                f"{entry['seconds']:.0f} s")
     bar.close()
     return {"name": stage.name, "epochs": epochs, "seconds": time.perf_counter() - start, "history": history}
 
@@ -389,7 +405,7 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
                 save_checkpoint(work, identity, model, index, state, stage_reports)
 
         report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log,
-                            resumed=resumed, on_epoch=on_epoch, dist=dist)
+                            resumed=resumed, on_epoch=on_epoch, dist=dist, val_set=val_set)
         stage_reports.append(report)
         if stage.is_fit and dist.is_main:   # a fit stage has no epochs; checkpoint its result before calibration
             save_checkpoint(work, identity, model, index + 1, StageProgress(0, [], 0.0), stage_reports)
