@@ -203,7 +203,8 @@ def describe_plan(spec: BenchmarkSpec, cells: list[Cell]) -> str:
              f"in {spec.out}"]
     for variant in spec.variants:
         config = next(c.config for c in cells if c.variant == variant)
-        length = f"{config.epochs} epochs" if config.epochs is not None else f"~{config.steps} steps"
+        length = f"{config.epochs} epochs" if config.epochs is not None else f"~{config.steps} steps" + (
+            f", >= {config.min_epochs} epochs" if config.min_epochs > 1 else "")
         lines.append(f"  variant {variant}: {config.method}, {config.backbone}, {config.image_size} px, {length}, "
                      f"batch {config.batch_size}, options {config.options or '{}'}")
     for category, path in spec.categories.items():

@@ -35,6 +35,7 @@ class TrainConfig:
     image_size: int = 256
     epochs: int | None = None                   # None: as many as give about `steps` optimizer steps
     steps: int = 360                            # training length when epochs is None (fits any dataset size)
+    min_epochs: int = 1                         # when epochs is None: at least this many passes over a large set
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
@@ -52,16 +53,19 @@ class TrainConfig:
         return out
 
     def epochs_for(self, steps_per_epoch: int) -> int:
-        """The explicit epoch count, or the one closest to `steps` optimizer steps."""
+        """The explicit epoch count, or the one closest to `steps` optimizer steps but at least `min_epochs`.
+
+        A fixed step budget alone gives a large training set few passes (360 steps are 30 epochs of 188 images but
+        8 of 686); the floor lets a method ask for enough passes however large the set is."""
         if self.epochs is not None:
             return int(self.epochs)
-        return max(1, round(self.steps / max(1, steps_per_epoch)))
+        return max(1, int(self.min_epochs), round(self.steps / max(1, steps_per_epoch)))
 
     def validate(self) -> None:
         method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-        for name in ("image_size", "epochs", "batch_size", "steps"):
+        for name in ("image_size", "epochs", "batch_size", "steps", "min_epochs"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.image_size % 32:

@@ -145,8 +145,9 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
                val_set: ImageDataset | None = None) -> dict[str, Any]:
     """One optimisation stage: its own optimizer, schedule and step budget; returns its history.
 
-    With `val_set`, each epoch's history entry also holds `val_loss`, the stage's loss on those defect-free held-out
-    images, when the stage trains the model's own distillation loss (a preparatory stage, e.g. AAND's
+    With `val_set`, about ten epochs' history entries (every tenth of the stage, and the last) also hold `val_loss`,
+    the stage's loss on those defect-free held-out images: a convergence curve for a few per cent of the training
+    time. Only when the stage trains the model's own distillation loss (a preparatory stage, e.g. AAND's
     amplification, trains another objective, for which that number says nothing).
 
     `on_epoch` gets the stage's full state at the end of every epoch (to checkpoint it); `resumed`, such a state
@@ -240,7 +241,8 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
         entry = {"epoch": epoch + 1, "train_loss": epoch_loss / max(seen, 1), "seconds": time.perf_counter() - start}
         if dist.enabled:   # rank 0's running statistics everywhere, before anything evaluates the model
             ddp.sync_buffers(model)
-        if held_out is not None:   # every rank measures the same weights on the same images: the same number
+        reported = (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs
+        if held_out is not None and reported:   # every rank: the same weights on the same images, the same number
             entry["val_loss"] = mean_loss(model, held_out, batch_size, device, memory_format)
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{entry['train_loss']:.4f}",
                             val_loss=f"{entry['val_loss']:.4f}")
@@ -255,7 +257,7 @@ def _run_stage(stage: TrainingStage, model: DistillationModel, config: TrainConf
                 epoch=epoch + 1, history=history, seconds=time.perf_counter() - start,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 random=random, stage_state=stage_state))
-        if not progress and (epoch + 1) % max(1, epochs // 10) == 0:
+        if not progress and reported:
             val = f", validation loss {entry['val_loss']:.4f}" if "val_loss" in entry else ""
             log(f"  {stage.name} epoch {epoch + 1}/{epochs}: loss {entry['train_loss']:.4f}{val}, "
                 f"{entry['seconds']:.0f} s")
