@@ -28,16 +28,15 @@ def test_config_precedence_defaults_file_flags():
     assert config_from_dict(config.to_dict()) == config
 
 
-def test_default_length_is_a_step_budget_with_an_epoch_floor():
+def test_default_length_is_a_step_budget_with_an_optional_epoch_floor():
     config = resolve_config("dskd")
-    assert config.epochs is None and config.steps == 360 and config.min_epochs == 30
-    assert config.epochs_for(12) == 30                    # bottle: 188 images, batch 16: the 360 steps
-    assert config.epochs_for(3) == 120                    # a small set: the step budget rules
-    assert config.epochs_for(43) == 30                    # Magnetic Tile: 686 images, 8 epochs without the floor
-    assert config.epochs_for(10_000) == 30
-    assert resolve_config("dskd", overrides={"epochs": 5}).epochs_for(43) == 5       # an explicit count wins
-    assert resolve_config("dskd", overrides={"min_epochs": 1}).epochs_for(43) == 8   # the plain step budget
-    assert resolve_config("rd").epochs_for(43) == 8                                  # other recipes: no floor
+    assert config.epochs is None and config.steps == 360 and config.min_epochs == 1
+    assert config.epochs_for(12) == 30                    # bottle: 188 images, batch 16
+    assert config.epochs_for(43) == 8                     # Magnetic Tile: 686 images
+    assert config.epochs_for(10_000) == 1
+    floored = resolve_config("dskd", overrides={"min_epochs": 30})
+    assert floored.epochs_for(43) == 30 and floored.epochs_for(12) == 30 and floored.epochs_for(3) == 120
+    assert resolve_config("dskd", overrides={"epochs": 5, "min_epochs": 30}).epochs_for(43) == 5   # explicit wins
 
 
 @pytest.mark.parametrize("values,match", [

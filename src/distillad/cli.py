@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="teacher (default efficientnet_lite0)")
     train.add_argument("--weights", default=None, help="local teacher checkpoint file (ResNet family)")
     train.add_argument("--epochs", type=int, default=None,
-                       help="default: as many as make about --steps optimizer steps, and at least the "
-                            "method's min_epochs (DSKD: 30)")
+                       help="default: as many as make about --steps optimizer steps (and at least min_epochs, "
+                            "a --config setting)")
     train.add_argument("--steps", type=int, default=None,
                        help="training budget in optimizer steps (default: the method's recipe, 360 at batch 16)")
     train.add_argument("--image-size", type=int, default=None)
