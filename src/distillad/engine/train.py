@@ -427,14 +427,17 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
         calibration_set, calibration_source = val_set, "validation"
     if warning:
         warnings.warn(warning, stacklevel=3)
-    val_loss = mean_loss(model, val_set, config.batch_size, device)
+    history = stage_reports[-1]["history"]
+    # the last epoch of a distillation stage measured it already; a fit stage (PatchCore) did not
+    val_loss = history[-1].get("val_loss") if history else None
+    if val_loss is None:
+        val_loss = mean_loss(model, val_set, config.batch_size, device)
     save_model(work, model)
     # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
     # comes after saving the trained weights).
     scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
     calibration, map_statistics, val_scores = fit_normal_statistics(
         scorer, calibration_set, threshold_k=config.threshold_k, batch_size=config.batch_size, device=device)
-    history = stage_reports[-1]["history"]
     extra: dict[str, Any] = {
         "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
                  "val_files": [str(s.path) for s in data.val]},

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from distillad.engine.checkpoint import LoadedRun
-from distillad.engine.predict import (CSV_COLUMNS, CSV_NAME, Prediction, _swap_in, csv_fields, decode_files,
+from distillad.engine.predict import (CSV_COLUMNS, CSV_NAME, Prediction, _swap_in, csv_text, decode_files,
                                       make_staging, output_names, prepare_output, score_chunk)
 from distillad.errors import ConfigError, RunError
-from distillad.io import atomic_write_with
+from distillad.io import atomic_write_text, atomic_write_with
 from distillad.scale.ray_session import ray_session
 
 SHARDS = "shards"
@@ -96,7 +96,7 @@ class BatchScorer:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"index": [], "score": [], "normalized": [], "label": [], "error": []}
-        shard_rows: list[list[str]] = []
+        shard: list[Prediction] = []
         for start, paths, names, decoded in zip(rows["start"], rows["paths"], rows["names"], rows["decoded"]):
             paths = [Path(str(p)) for p in paths]
             predictions = score_chunk(self.run, paths, [str(n) for n in names], list(decoded), self.staging,
@@ -107,10 +107,10 @@ class BatchScorer:
                 out["normalized"].append(float("nan") if p.normalized_score is None else p.normalized_score)
                 out["label"].append(p.label)
                 out["error"].append(p.error or "")
-                shard_rows.append(csv_fields(p))
+                shard.append(p)
         order = np.argsort(out["index"], kind="stable")
         first = min(out["index"])
-        _write_csv(self.staging / SHARDS / shard_name(first), [shard_rows[i] for i in order])
+        atomic_write_text(self.staging / SHARDS / shard_name(first), csv_text([shard[i] for i in order]))
         return out
 
 
@@ -118,15 +118,6 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     """Pipeline stage: read and decode one batch's files (unreadable ones become their error message)."""
     row["decoded"] = decode_files([Path(str(p)) for p in row["paths"]])
     return row
-
-
-def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(rows)
-    atomic_write_with(path, write)
 
 
 def merge_shards(shard_dir: Path, paths: list[Path], csv_path: Path) -> None:
