@@ -42,43 +42,79 @@ def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return GaussianBlur(sigma)(maps)
 
 
+def load_or_compute(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, float]:
+    """The validation and test raw maps, cached next to the run (`score_rules_<size>.pt`) so rules can be re-screened
+    without a model pass."""
+    cache = args.run / f"score_rules_{args.size}.pt"
+    run = distillad.load(args.run)
+    sigma = run.config.options.get("sigma", 4.0) * args.size / run.image_size
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        return saved["val"], saved["test"], saved["labels"].numpy(), sigma
+    split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
+    val, _ = raw_maps(run, [Sample(Path(p), 0, "good", None) for p in run.meta["data"]["val_files"]], args.size)
+    test, labels = raw_maps(run, split.test, args.size)
+    torch.save({"val": val, "test": test, "labels": torch.from_numpy(labels)}, cache)
+    return val, test, labels, sigma
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("data", type=Path)
     parser.add_argument("--size", type=int, default=64, help="map resolution for the screening (default 64)")
     args = parser.parse_args()
-    run = distillad.load(args.run)
-    split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
-    val, _ = raw_maps(run, [Sample(Path(p), 0, "good", None) for p in run.meta["data"]["val_files"]], args.size)
-    test, labels = raw_maps(run, split.test, args.size)
-    sigma = run.config.options.get("sigma", 4.0) * args.size / run.image_size
+    val, test, labels, sigma = load_or_compute(args)
     n_students, n_levels = test.shape[1], test.shape[2]
 
-    q_low = torch.quantile(val.transpose(0, 2).reshape(n_levels, n_students, -1).transpose(0, 1)[..., ::7], 0.9, dim=-1)
-    q_high = torch.quantile(val.transpose(0, 2).reshape(n_levels, n_students, -1).transpose(0, 1)[..., ::7], 0.995,
-                            dim=-1)
+    def rule_scores(fuse_maps, *, excess: bool = False, topk: float = 0.0) -> torch.Tensor:
+        """Image scores of the test images; with `excess`, over the per-position maximum of the validation maps
+        (leave-one-out is not needed here: only test images are scored)."""
+        t = blur(fuse_maps(test), sigma)
+        if excess:
+            t = t - blur(fuse_maps(val), sigma).amax(0)
+        flat = t.flatten(1)
+        if topk > 0:
+            k = max(1, int(round(topk * flat.shape[1])))
+            return flat.topk(k, dim=1).values.mean(1)
+        return flat.amax(1)
 
-    def normalised(maps: torch.Tensor) -> torch.Tensor:
-        return (maps - q_low[None, :, :, None, None]) / (q_high - q_low)[None, :, :, None, None]
+    def subset(students: list[int], levels: list[int]):
+        return lambda maps: maps[:, students][:, :, levels].sum(2).mean(1)
 
-    def fused(maps: torch.Tensor) -> torch.Tensor:
-        return blur(maps.sum(2).mean(1), sigma)
-
+    everything = subset(list(range(n_students)), list(range(n_levels)))
     rules: dict[str, torch.Tensor] = {}
-    rules["default: max of fused map"] = fused(test).flatten(1).amax(1)
-    rules["quantile-normalised levels"] = fused(normalised(test)).flatten(1).amax(1)
+    rules["default: max of fused map"] = rule_scores(everything)
+    rules["excess over per-position max (current default)"] = rule_scores(everything, excess=True)
+    for k in (0.001, 0.01):
+        rules[f"excess, top {k:g} mean"] = rule_scores(everything, excess=True, topk=k)
     for s in range(n_students):
+        rules[f"student {s}, all levels, excess"] = rule_scores(subset([s], list(range(n_levels))), excess=True)
         for lvl in range(n_levels):
-            rules[f"student {s} level {lvl} alone"] = blur(test[:, s, lvl], sigma).flatten(1).amax(1)
-    val_fused, test_fused = fused(val), fused(test)
-    rules["excess over per-position max of validation"] = (test_fused - val_fused.amax(0)).flatten(1).amax(1)
-    z = (test_fused - val_fused.mean(0)) / (val_fused.std(0) + 1e-6)
-    rules["per-position z-score"] = z.flatten(1).amax(1)
-    val_n, test_n = fused(normalised(val)), fused(normalised(test))
-    rules["normalised + excess over per-position max"] = (test_n - val_n.amax(0)).flatten(1).amax(1)
-    margin = max(1, args.size // 16)
-    rules["default, border of 1/16 ignored"] = test_fused[:, margin:-margin, margin:-margin].flatten(1).amax(1)
+            rules[f"student {s} level {lvl + 1} alone"] = rule_scores(subset([s], [lvl]))
+            rules[f"student {s} level {lvl + 1} alone, excess"] = rule_scores(subset([s], [lvl]), excess=True)
+    students = list(range(n_students))
+    for levels in ([1, 2], [2], [0, 1]):
+        name = "+".join(str(lvl + 1) for lvl in levels)
+        rules[f"levels {name}, both students"] = rule_scores(subset(students, levels))
+        rules[f"levels {name}, both students, excess"] = rule_scores(subset(students, levels), excess=True)
+
+    # each level's image score standardised by its validation scores, then summed (every level votes)
+    def level_votes(excess: bool) -> torch.Tensor:
+        total = torch.zeros(test.shape[0])
+        for lvl in range(n_levels):
+            fuse_one = subset(students, [lvl])
+            t, v = blur(fuse_one(test), sigma), blur(fuse_one(val), sigma)
+            if excess:
+                ref = v.amax(0)
+                t = t - ref
+                v = v - ref      # in-sample for validation: the z-scale only
+            ts, vs = t.flatten(1).amax(1), v.flatten(1).amax(1)
+            total += (ts - vs.mean()) / (vs.std() + 1e-6)
+        return total
+
+    rules["level votes (z of each level's max)"] = level_votes(False)
+    rules["level votes on excess"] = level_votes(True)
     for name, scores in rules.items():
         print(f"{image_auroc(scores.numpy(), labels) * 100:6.1f}  {name}")
 

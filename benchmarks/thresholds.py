@@ -53,6 +53,9 @@ RULES: dict[str, Callable[[np.ndarray], float]] = {
     "max + 0.25 range": max_margin(0.25),
     "max": max_margin(0.0),
     "gumbel p=0.05": gumbel(0.05),
+    "gumbel p=0.02": gumbel(0.02),
+    "gumbel p=0.03": gumbel(0.03),
+    "mean+1.5std": mean_std(1.5),
 }
 
 

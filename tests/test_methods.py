@@ -55,6 +55,25 @@ def test_embedding_and_decoder_restore_pyramid_shapes():
     assert (MirroredDecoder(224, channels, relu_output=True)(code)[0] >= 0).all()
 
 
+def test_four_level_embedding_and_three_level_parameter_names():
+    """A fourth (stride-32) level: every level reduced to stride 32, the code at stride 64, restored shallow first.
+    Three levels keep the parameter names (and so the checkpoints) of the original three-level module."""
+    channels = [24, 40, 112, 320]
+    pyramid = [torch.randn(2, c, 64 // 2 ** i, 64 // 2 ** i) for i, c in enumerate(channels)]
+    embed = PyramidEmbedding(channels, 640, blocks=1)
+    code = embed(pyramid)
+    assert code.shape == (2, 640, 4, 4)
+    assert [embed.reduce1[i][0].out_channels for i in range(3)] == [80, 160, 320]
+    restored = MirroredDecoder(640, channels, relu_output=False)(code)
+    assert [tuple(r.shape) for r in restored] == [tuple(p.shape) for p in pyramid]
+    with pytest.raises(ValueError, match="built for 4 levels"):
+        embed(pyramid[:3])
+    three = PyramidEmbedding([24, 40, 112], 224).state_dict()
+    assert {k.split(".")[0] for k in three} == {"reduce1", "reduce2", "reduce3", "fuse"}
+    assert three["reduce1.0.0.weight"].shape == (56, 24, 3, 3) and three["reduce1.1.0.weight"].shape == (112, 56, 3, 3)
+    assert three["reduce2.0.weight"].shape == (112, 40, 3, 3) and three["reduce3.0.weight"].shape == (112, 112, 3, 3)
+
+
 @pytest.fixture(scope="module")
 def images():
     torch.manual_seed(0)
@@ -66,6 +85,9 @@ def images():
     ("dskd", {"students": "encoder"}, 1),
     ("dskd", {"students": "decoder", "df_input": "teacher"}, 1),
     ("dskd", {"df_input": "both", "global_cosine": True, "levels": [2]}, 2),
+    ("dskd", {"levels": [1, 2, 3, 4]}, 2),
+    ("dskd", {"levels": [2, 3, 4]}, 2),
+    ("dskd", {"teacher_pool": 3}, 2),
     ("stfpm", {}, 1),
     ("rd", {}, 1),
 ])
@@ -136,6 +158,23 @@ def test_scorer_fusion_hand_computed(images):
         assert torch.allclose(maps, torch.full_like(maps, expected), atol=1e-6), fusion
 
 
+def test_teacher_pool_target_is_the_local_average_of_the_teacher(images):
+    """teacher_pool=k: the students are matched to the k x k average of each teacher level (borders averaged over
+    the pixels inside the image), computed from the same (cacheable) raw teacher features."""
+    model = build_model("dskd", BACKBONE, {"teacher_pool": 3}, pretrained=False)
+    raw = model.teacher_features(images)
+    pairs = model.feature_pairs(images, raw)
+    t = raw[1]
+    hand = torch.zeros_like(t)
+    h, w = t.shape[-2:]
+    for y in range(h):
+        for x in range(w):
+            hand[..., y, x] = t[..., max(0, y - 1):y + 2, max(0, x - 1):x + 2].mean(dim=(-2, -1))
+    assert torch.allclose(pairs[0][1][0], hand, atol=1e-5) and torch.allclose(pairs[1][1][0], hand, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher_pool must be an odd number"):
+        build_model("dskd", BACKBONE, {"teacher_pool": 2}, pretrained=False)
+
+
 def test_invalid_options_are_rejected_with_names():
     with pytest.raises(ValueError, match="unknown option"):
         build_model("dskd", BACKBONE, {"df_imput": "student"}, pretrained=False)
@@ -145,6 +184,8 @@ def test_invalid_options_are_rejected_with_names():
         build_model("dskd", BACKBONE, {"students": "decoder"}, pretrained=False)
     with pytest.raises(ValueError, match="levels"):
         build_model("rd", BACKBONE, {"levels": [4]}, pretrained=False)
+    with pytest.raises(ValueError, match="subset of 1, 2, 3, 4"):
+        build_model("dskd", BACKBONE, {"levels": [5]}, pretrained=False)
     with pytest.raises(ValueError, match="unknown method"):
         build_model("no_such_method", BACKBONE)
 

@@ -28,7 +28,8 @@ MAP_OPTIONS = ("level_fusion", "student_fusion", "sigma", "map_norm", "position_
 class MethodOptions:
     """Options common to every method; subclasses add their own switches. All values are JSON/YAML scalars."""
 
-    levels: tuple[int, ...] = (1, 2, 3)          # teacher taps used for matching and maps (1 = stride 4)
+    # teacher taps used for matching and maps (1 = stride 4, 2 = 8, 3 = 16, 4 = 32 where the method allows it)
+    levels: tuple[int, ...] = (1, 2, 3)
     input_norm: str = "native"                    # "native": the teacher's own training normalisation; "imagenet"
     level_fusion: str = "sum"                     # how per-level maps combine: sum | product | mean
     student_fusion: str = "mean"                  # how students' maps combine: mean | max | product
@@ -42,12 +43,20 @@ class MethodOptions:
     position_norm: str = "none"
     score_topk: float = 0.0                       # image score: 0 = max of the map; f > 0 = mean of its top f share
 
+    # The deepest teacher tap this method's students can learn; students always reproduce the pyramid from level 1
+    # to the deepest of max(levels) and 3 (pyramid_levels), whichever levels are matched.
+    deepest_level: ClassVar[int] = 3
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, source: str = "method options") -> MethodOptions:
         """Options from a mapping, every value checked against its declared type, then `validate()`d."""
         options = cls(**typed_values(cls, dict(values or {}), source, what="option"))
         options.validate()
         return options
+
+    def pyramid_levels(self) -> tuple[int, ...]:
+        """The teacher taps the model computes: 1 to the deepest matched level, at least 1-3."""
+        return tuple(range(1, max(3, *self.levels) + 1))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -57,8 +66,10 @@ class MethodOptions:
         return out
 
     def validate(self) -> None:
-        if not self.levels or any(level not in (1, 2, 3) for level in self.levels):
-            raise ConfigError(f"levels must be a non-empty subset of 1, 2, 3; got {self.levels}")
+        allowed = tuple(range(1, self.deepest_level + 1))
+        if not self.levels or any(level not in allowed for level in self.levels):
+            raise ConfigError(f"levels must be a non-empty subset of {', '.join(map(str, allowed))}; "
+                              f"got {list(self.levels)}")
         check_choice("input_norm", self.input_norm, ("native", "imagenet"))
         check_choice("level_fusion", self.level_fusion, ("sum", "product", "mean"))
         check_choice("student_fusion", self.student_fusion, ("mean", "max", "product"))
@@ -161,7 +172,7 @@ class DistillationModel(nn.Module):
         self.options = options
         self.spec = backbone_spec(backbone)
         self.teacher: FeatureExtractor = create_backbone(
-            backbone, levels=(1, 2, 3), pretrained=pretrained, weights=weights).freeze()
+            backbone, levels=options.pyramid_levels(), pretrained=pretrained, weights=weights).freeze()
         if options.input_norm == "native":
             mean, std = self.spec.native_mean, self.spec.native_std
         else:
@@ -217,7 +228,7 @@ class DistillationModel(nn.Module):
 
 
 def select_levels(pairs: list[tuple[torch.Tensor, torch.Tensor]], levels: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keep the (teacher, student) pairs of the matched levels; pairs are indexed by level 1..3."""
+    """Keep the (teacher, student) pairs of the matched levels; pairs are indexed by level 1, 2, ..."""
     return [pairs[level - 1] for level in levels]
 
 

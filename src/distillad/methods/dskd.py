@@ -13,8 +13,10 @@ ablations in benchmarks/.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from distillad.backbones import create_backbone
 from distillad.errors import ConfigError
@@ -31,11 +33,15 @@ from distillad.methods.parts import cosine_distance_map, global_cosine_distance,
 
 @dataclass
 class DSKDOptions(MethodOptions):
+    deepest_level: ClassVar[int] = 4      # levels may include 4 (stride 32): a four-level pyramid
     students: str = "both"            # both | encoder (Se alone, ~ vanilla S-T) | decoder (Sd alone, ~ RD)
     df_input: str = "student"         # what the DF embedding hears: student (Se) | teacher | both
     interaction_grad: bool = True     # let Sd's loss train Se through the DF embedding
     global_cosine: bool = False       # add RD's flattened-map cosine to the per-pixel loss
     bottleneck_blocks: int = 2
+    # The students' target: the teacher's features averaged over k x k neighbourhoods (stride 1), 1 = raw. Local
+    # aggregation is what makes the frozen features separate textured defects in a nearest-neighbour probe.
+    teacher_pool: int = 1
     decoder_blocks: int = 2
     # the image score is the map's excess over its per-position maximum on the validation images; the map itself
     # is left as it is (benchmarks/RESULTS.md section 4: Magnetic Tile image AUROC +2.0 on 3/3 seeds, maps unchanged)
@@ -45,6 +51,8 @@ class DSKDOptions(MethodOptions):
         super().validate()
         check_choice("students", self.students, ("both", "encoder", "decoder"))
         check_choice("df_input", self.df_input, ("student", "teacher", "both"))
+        if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
+            raise ConfigError(f"teacher_pool must be an odd number >= 1, got {self.teacher_pool}")
         if self.students == "decoder" and self.df_input != "teacher":
             raise ConfigError("students=decoder has no encoder student to feed the DF embedding: use df_input=teacher")
 
@@ -65,7 +73,7 @@ class DSKD(DistillationModel):
         self.use_encoder = options.students in ("both", "encoder")
         self.use_decoder = options.students in ("both", "decoder")
         if self.use_encoder:
-            self.encoder_student = create_backbone(backbone, levels=(1, 2, 3), pretrained=False)
+            self.encoder_student = create_backbone(backbone, levels=options.pyramid_levels(), pretrained=False)
         if self.use_decoder:
             embed_channels = [2 * c for c in channels] if options.df_input == "both" else list(channels)
             self.embedding, self.decoder_student = reverse_student(
@@ -74,6 +82,9 @@ class DSKD(DistillationModel):
 
     def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
         teacher = self.teacher_features(images, teacher)
+        if self.options.teacher_pool > 1:
+            k = self.options.teacher_pool
+            teacher = [F.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False) for t in teacher]
         students: list[list[torch.Tensor]] = []
         encoder: list[torch.Tensor] = []
         if self.use_encoder:

@@ -79,36 +79,46 @@ class ResidualBlock(nn.Module):
 
 
 class PyramidEmbedding(nn.Module):
-    """Fuses a three-level pyramid (strides 4, 8, 16) into one compact code at stride 32.
+    """Fuses a pyramid of consecutive levels (strides 4, 8, 16 by default) into one compact code at twice the
+    deepest level's stride.
 
-    This is RD's one-class bottleneck and DSKD's deep-feature (DF) embedding module: each level is brought to
-    stride 16 by strided 3x3 conv+BN+ReLU, the levels are concatenated, and a residual stage with stride 2
-    compresses them. The code is the only path from the input to a decoder student, which is what keeps the
-    decoder from copying anomalies.
+    This is RD's one-class bottleneck and DSKD's deep-feature (DF) embedding module: each level is brought to the
+    deepest level's stride by strided 3x3 conv+BN+ReLU (widths doubling towards the deepest level's), the levels are
+    concatenated, and a residual stage with stride 2 compresses them. The code is the only path from the input to a
+    decoder student, which is what keeps the decoder from copying anomalies. Levels are `reduce1`, `reduce2`, ...
+    shallow first, so a three-level embedding keeps the parameter names of earlier checkpoints.
     """
 
     def __init__(self, in_channels: Sequence[int], code_channels: int, *, blocks: int = 2) -> None:
         super().__init__()
-        if len(in_channels) != 3:
-            raise ValueError(f"the embedding fuses exactly three levels, got {len(in_channels)}")
-        c1, c2, c3 = in_channels
-        width = c3
-        self.reduce1 = nn.Sequential(conv_bn_relu(c1, width // 2 if width >= 2 else width, 2),
-                                     conv_bn_relu(width // 2 if width >= 2 else width, width, 2))
-        self.reduce2 = conv_bn_relu(c2, width, 2)
-        self.reduce3 = conv_bn_relu(c3, width, 1)
-        stage: list[nn.Module] = [ResidualBlock(3 * width, code_channels, stride=2)]
+        if len(in_channels) < 2:
+            raise ValueError(f"the embedding fuses at least two levels, got {len(in_channels)}")
+        width = in_channels[-1]
+        self.n_levels = len(in_channels)
+        for index, channels in enumerate(in_channels):
+            downsamplings = self.n_levels - 1 - index
+            if downsamplings == 0:
+                reduce: nn.Module = conv_bn_relu(channels, width, 1)
+            else:
+                # widths w / 2^(n-1), ..., w / 2, w: each stride-2 step doubles the channels up to the deepest's
+                widths = [max(1, width >> shift) if width >= 2 else width for shift in range(downsamplings - 1, -1, -1)]
+                steps = [conv_bn_relu(c_in, c_out, 2) for c_in, c_out in zip([channels, *widths[:-1]], widths)]
+                reduce = steps[0] if len(steps) == 1 else nn.Sequential(*steps)
+            self.add_module(f"reduce{index + 1}", reduce)
+        stage: list[nn.Module] = [ResidualBlock(self.n_levels * width, code_channels, stride=2)]
         stage += [ResidualBlock(code_channels, code_channels) for _ in range(blocks - 1)]
         self.fuse = nn.Sequential(*stage)
         self.code_channels = code_channels
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
-        f1, f2, f3 = pyramid
-        return self.fuse(torch.cat([self.reduce1(f1), self.reduce2(f2), self.reduce3(f3)], dim=1))
+        if len(pyramid) != self.n_levels:
+            raise ValueError(f"the embedding was built for {self.n_levels} levels, got {len(pyramid)}")
+        reduced = [getattr(self, f"reduce{index + 1}")(level) for index, level in enumerate(pyramid)]
+        return self.fuse(torch.cat(reduced, dim=1))
 
 
 class MirroredDecoder(nn.Module):
-    """Decoder student: restores the three teacher levels from the stride-32 code, deep to shallow (RD).
+    """Decoder student: restores the teacher levels from the embedding's code, deep to shallow (RD).
 
     Each stage doubles the resolution with a transposed-conv residual block followed by plain residual blocks.
     `relu_output=False` leaves each stage's output linear, for teachers whose taps are not ReLU outputs
@@ -142,8 +152,8 @@ class MirroredDecoder(nn.Module):
 
 def reverse_student(in_channels: Sequence[int], level_channels: Sequence[int], *, bottleneck_blocks: int,
                     decoder_blocks: int, relu_output: bool) -> tuple[PyramidEmbedding, MirroredDecoder]:
-    """RD's student, shared by RD, DSKD's Sd and AAND: a pyramid embedding to a stride-32 code of twice the
-    deepest level's channels, and the mirrored decoder that restores `level_channels` from it."""
+    """RD's student, shared by RD, DSKD's Sd and AAND: a pyramid embedding to a code of twice the deepest level's
+    channels at twice its stride (32 for levels 1-3), and the mirrored decoder that restores `level_channels`."""
     code_channels = 2 * level_channels[-1]
     embedding = PyramidEmbedding(in_channels, code_channels, blocks=bottleneck_blocks)
     decoder = MirroredDecoder(code_channels, level_channels, blocks_per_stage=decoder_blocks, relu_output=relu_output)
