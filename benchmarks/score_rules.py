@@ -20,18 +20,28 @@ from torch.utils.data import DataLoader
 
 import distillad
 from distillad.data import ImageDataset, Sample, load_category
+from distillad.methods.parts import cosine_distance_map
 from distillad.metrics import image_auroc
 
 
-def raw_maps(run: distillad.Run, samples: list[Sample], size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, students, levels, size, size) maps at `size` px, and the labels."""
+def raw_maps(run: distillad.Run, samples: list[Sample], size: int,
+             feature_pool: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, students, levels, size, size) maps at `size` px, and the labels. With `feature_pool` k > 1 the maps are
+    the cosine distance between the k x k local averages of the teacher's and the student's features."""
     out, labels = [], []
+    k = feature_pool
     with torch.inference_mode():
         for batch in DataLoader(ImageDataset(samples, run.image_size), batch_size=16):
-            per = run.scorer.raw_maps(batch["image"])
-            stacked = torch.stack([torch.stack(levels, 1) for levels in per], 1)      # B,S,L,H,W
-            b, s, l, h, w = stacked.shape
-            out.append(F.adaptive_avg_pool2d(stacked.reshape(b, s * l, h, w), size).reshape(b, s, l, size, size))
+            if k > 1:
+                pool = lambda f: F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False)  # noqa: E731
+                per = [[cosine_distance_map(pool(t), pool(s)) for t, s in student]
+                       for student in run.scorer.model.feature_pairs(batch["image"])]
+            else:
+                per = run.scorer.raw_maps(batch["image"])
+            stacked = torch.stack([torch.stack([F.interpolate(m[:, None], size=size, mode="bilinear",
+                                                              align_corners=False)[:, 0] for m in levels], 1)
+                                   for levels in per], 1)      # B,S,L,size,size
+            out.append(stacked)
             labels.append(batch["label"].numpy())
     return torch.cat(out), np.concatenate(labels)
 
@@ -45,15 +55,16 @@ def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def load_or_compute(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, float]:
     """The validation and test raw maps, cached next to the run (`score_rules_<size>.pt`) so rules can be re-screened
     without a model pass."""
-    cache = args.run / f"score_rules_{args.size}.pt"
+    cache = args.run / f"score_rules_{args.size}_pool{args.feature_pool}.pt"
     run = distillad.load(args.run)
     sigma = run.config.options.get("sigma", 4.0) * args.size / run.image_size
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         return saved["val"], saved["test"], saved["labels"].numpy(), sigma
     split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
-    val, _ = raw_maps(run, [Sample(Path(p), 0, "good", None) for p in run.meta["data"]["val_files"]], args.size)
-    test, labels = raw_maps(run, split.test, args.size)
+    val_samples = [Sample(Path(p), 0, "good", None) for p in run.meta["data"]["val_files"]]
+    val, _ = raw_maps(run, val_samples, args.size, args.feature_pool)
+    test, labels = raw_maps(run, split.test, args.size, args.feature_pool)
     torch.save({"val": val, "test": test, "labels": torch.from_numpy(labels)}, cache)
     return val, test, labels, sigma
 
@@ -63,6 +74,8 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("data", type=Path)
     parser.add_argument("--size", type=int, default=64, help="map resolution for the screening (default 64)")
+    parser.add_argument("--feature-pool", type=int, default=1,
+                        help="k > 1: compare k x k local averages of the teacher's and students' features")
     args = parser.parse_args()
     val, test, labels, sigma = load_or_compute(args)
     n_students, n_levels = test.shape[1], test.shape[2]

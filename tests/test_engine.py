@@ -46,6 +46,9 @@ def test_default_length_is_a_step_budget_with_an_optional_epoch_floor():
     ({"options": {"sigma": "wide"}}, "sigma must be a number"),
     ({"options": {"levels": "2,3"}}, "levels must be a list"),
     ({"image_size": 100}, "multiple of 32"),
+    ({"image_size": 288, "options": {"levels": [1, 2, 3, 4]}}, "multiple of 64"),
+    ({"threshold_rule": "median"}, "threshold_rule"),
+    ({"false_alarm_rate": 0.5}, "false_alarm_rate"),
     ({"min_epochs": 0}, "min_epochs must be a positive integer"),
     ({"backbone": "vgg16"}, "unknown backbone"),
     ({"options": {"students": "three"}}, "students"),
@@ -143,10 +146,9 @@ def test_map_options_change_at_test_time_and_recalibrate(tiny_run, tmp_path):
         # the new map rule gets its own threshold, fitted on the run's validation images (never on test images)
         from distillad.data import ImageDataset
         from distillad.engine.inference import score_dataset
-        from distillad.scoring import calibrate
 
         _, val_scores = score_dataset(maximum.scorer, ImageDataset(data.val, 64), keep_maps=False)
-        assert maximum.calibration == calibrate(val_scores, k=saved.config.threshold_k)
+        assert maximum.calibration == saved.config.threshold().fit(val_scores)
         assert maximum.calibration != saved.calibration
     # without the validation images there is nothing to fit a threshold on
     moved = tmp_path / "moved"
@@ -342,7 +344,6 @@ def test_predict_never_loses_a_batch_and_never_reads_its_own_outputs(tiny_run, t
 
 def test_position_norm_subtracts_the_validation_maximum_and_calibrates_leave_one_out(tiny_run):
     from distillad.data import ImageDataset
-    from distillad.scoring import calibrate
     from distillad.scoring.maps import POSITION_GRID, upsample
 
     run_dir, _, data = tiny_run
@@ -359,7 +360,7 @@ def test_position_norm_subtracts_the_validation_maximum_and_calibrates_leave_one
         # each validation image against the maximum of the others
         loo = [(normal[i] - upsample(torch.cat([pooled[:i], pooled[i + 1:]]).amax(0)[None], (64, 64))[0]).max()
                for i in range(len(normal))]
-    assert run.calibration == calibrate(torch.stack(loo).numpy(), k=run.config.threshold_k)
+    assert run.calibration == run.config.threshold().fit(torch.stack(loo).numpy())
 
 
 def test_position_norm_score_keeps_the_map_and_scores_its_excess(tiny_run):

@@ -143,7 +143,7 @@ def test_map_options_are_in_the_graph(bottle_run):
 def test_static_int8_recalibrates_the_threshold_on_the_quantized_model(bottle_run, tmp_path):
     from distillad.data.images import decode_image
     from distillad.deploy.runtimes import DeployedModel, image_to_input
-    from distillad.scoring import calibrate
+    from distillad.scoring.calibration import ThresholdRule
 
     good = tmp_path / "good"
     good.mkdir()
@@ -170,7 +170,9 @@ def test_static_int8_recalibrates_the_threshold_on_the_quantized_model(bottle_ru
     # the graph's reference is the per-position maximum of the int8 model's own validation maps, not the fp32 one's
     assert np.allclose(maps - decision, upsample(reference[None], (64, 64)).numpy(), atol=1e-5)
     expected = image_score(torch.from_numpy(maps) - upsample(leave_one_out, (64, 64))).numpy()
-    assert model.threshold == pytest.approx(calibrate(expected, k=3.0).threshold, rel=1e-5)
+    saved = meta["config"]
+    rule = ThresholdRule(saved["threshold_rule"], saved["threshold_k"], saved["false_alarm_rate"])
+    assert model.threshold == pytest.approx(rule.fit(expected).threshold, rel=1e-5)
     assert model.threshold != pytest.approx(report["threshold_fp32"], rel=1e-6)
 
 

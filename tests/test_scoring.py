@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from distillad.scoring import GaussianBlur, calibrate, fuse, gaussian_kernel1d
+from distillad.scoring import Calibration, GaussianBlur, calibrate, fuse, gaussian_kernel1d
 from distillad.scoring.maps import upsample
 
 
@@ -63,6 +63,43 @@ def test_calibration_threshold_and_normalisation():
     assert cal.normalize(cal.center) == pytest.approx(1 / (1 + math.exp(3.0)))
     assert cal.is_defective(cal.threshold + 1e-6) and not cal.is_defective(cal.threshold)
     assert calibrate(scores, k=3.0).to_dict() == cal.from_dict(cal.to_dict()).to_dict()
+
+
+def test_gumbel_threshold_matches_scipy_and_its_false_alarm_rate():
+    """The default rule against scipy as the oracle: the maximum-likelihood Gumbel fit's 3 % exceedance point; on
+    fresh draws from the same law about 3 % of normal scores lie above it; k still gives threshold = center + k scale."""
+    from scipy import stats
+
+    from distillad.scoring.calibration import ThresholdRule
+
+    law = stats.gumbel_r(loc=1.0, scale=0.2)
+    scores = law.rvs(size=5000, random_state=np.random.default_rng(0))
+    cal = ThresholdRule().fit(scores)
+    assert cal.rule == "gumbel" and cal.false_alarm_rate == 0.03
+    assert cal.threshold == pytest.approx(stats.gumbel_r.isf(0.03, *stats.gumbel_r.fit(scores)), rel=1e-9)
+    assert cal.threshold == pytest.approx(cal.center + cal.k * cal.scale)
+    fresh = law.rvs(size=200_000, random_state=np.random.default_rng(1))
+    assert (fresh > cal.threshold).mean() == pytest.approx(0.03, abs=0.006)
+    assert ThresholdRule(false_alarm_rate=0.01).fit(scores).threshold > cal.threshold
+    assert "Gumbel" in cal.describe() and "3 %" in cal.describe()
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_gumbel_rule_falls_back_to_mean_std_without_a_tail_to_fit():
+    from distillad.scoring.calibration import ThresholdRule
+
+    few = ThresholdRule("gumbel", k=3.0).fit([1.0, 2.0, 3.0, 4.0])          # fewer than 5 scores
+    assert few.rule == "mean_std" and few.false_alarm_rate is None and few == calibrate([1.0, 2.0, 3.0, 4.0], k=3.0)
+    flat = ThresholdRule("gumbel").fit([0.5] * 8)                           # identical scores
+    assert flat.rule == "mean_std" and flat.threshold > 0.5
+    assert "mean + 3 std of 4 validation scores" == few.describe()
+    # a calibration saved before the rule existed loads as mean + k std
+    old = {k: v for k, v in few.to_dict().items() if k not in ("rule", "false_alarm_rate")}
+    assert Calibration.from_dict(old).rule == "mean_std"
+    with pytest.raises(ValueError, match="threshold rule"):
+        calibrate([1.0, 2.0], rule="median")
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        calibrate([1.0, 2.0], rule="gumbel", false_alarm_rate=0.0)
 
 
 def test_calibration_single_image_and_bad_input():

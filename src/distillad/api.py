@@ -184,7 +184,8 @@ def train(data: DataInput, *, out: str | os.PathLike, method: str | None = None,
 
     `data` is an MVTec-layout category folder, a plain folder of defect-free images, or a CategorySplit.
     Settings are merged as the method's recipe < `config` (a YAML file or a dict) < keyword `settings`
-    (any TrainConfig field: epochs, steps, image_size, batch_size, seed, device, val_fraction, threshold_k, ...)
+    (any TrainConfig field: epochs, steps, image_size, batch_size, seed, device, val_fraction, threshold_rule,
+    false_alarm_rate, ...)
     < `options` (method switches, e.g. {"student_fusion": "max"}).
     `resume` continues an interrupted training of `out` (same settings and data) from its last epoch checkpoint,
     to the weights an uninterrupted run would have; `overwrite` replaces a finished run in `out`.

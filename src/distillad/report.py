@@ -293,7 +293,7 @@ def _html(result: dict[str, Any], counts: dict[str, str], notes: list[str], aupr
                    ("evaluation time", f"{result.get('seconds', 0):.1f} s")])
     rows = _table([(names.get(k, k), f"{result[k]:.4f}") for k in metrics.METRIC_KEYS], " class=num")
     thr = result.get("threshold")
-    thr_html = _table([("threshold (mean + k\u00b7std of defect-free validation scores)", f"{thr['value']:.6g}"),
+    thr_html = _table([(f"threshold ({thr.get('rule') or 'from defect-free validation scores'})", f"{thr['value']:.6g}"),
                        ("false alarms (good test images above it)", counts["false alarms"]),
                        ("detections (defective test images above it)", counts["detections"]),
                        ("accuracy", f"{thr['accuracy']:.1%}")], " class=num") if thr else (

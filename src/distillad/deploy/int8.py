@@ -13,7 +13,7 @@ from distillad.deploy.graph import quiet_exporter
 from distillad.deploy.runtimes import INPUT_NAME, OUTPUT_NAMES, image_to_input
 from distillad.engine.checkpoint import LoadedRun
 from distillad.errors import DataError, RunError
-from distillad.scoring import Calibration, calibrate
+from distillad.scoring import Calibration
 
 MAX_CALIBRATION_IMAGES = 64
 
@@ -126,7 +126,7 @@ def recalibrate_int8(loaded: LoadedRun, model_bytes: bytes, session: Any, calibr
         model_bytes, scores = refit_position_reference(loaded, model_bytes, session, inputs)
     else:
         scores = np.concatenate([session.run(inputs[i:i + 8])[OUTPUT_NAMES[1]] for i in range(0, len(inputs), 8)])
-    return model_bytes, calibrate(scores, k=loaded.config.threshold_k), source, inputs
+    return model_bytes, loaded.config.threshold().fit(scores), source, inputs
 
 
 def evaluate_category(scorer: Any, folder: Path, loaded: LoadedRun, calibration: Calibration | None

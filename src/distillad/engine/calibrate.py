@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 
 from distillad.data import ImageDataset
 from distillad.engine.inference import score_dataset
-from distillad.scoring import AnomalyScorer, Calibration, calibrate, fit_map_statistics
+from distillad.scoring import AnomalyScorer, Calibration, fit_map_statistics
+from distillad.scoring.calibration import ThresholdRule
 from distillad.scoring.maps import image_score, position_references, upsample
 
 
-def fit_normal_statistics(scorer: AnomalyScorer, dataset: ImageDataset, *, threshold_k: float, batch_size: int,
+def fit_normal_statistics(scorer: AnomalyScorer, dataset: ImageDataset, *, threshold: ThresholdRule, batch_size: int,
                           device: torch.device | str) -> tuple[Calibration, dict[str, Any] | None, np.ndarray]:
     """(calibration, map statistics for meta.json or None, the validation scores) of `scorer` on `dataset`.
 
@@ -45,7 +46,7 @@ def fit_normal_statistics(scorer: AnomalyScorer, dataset: ImageDataset, *, thres
         scores = image_score(excess, scorer.score_topk).numpy()
     else:
         _, scores = score_dataset(scorer, dataset, batch_size=batch_size, device=device, keep_maps=False)
-    return calibrate(scores, k=threshold_k), statistics or None, scores
+    return threshold.fit(scores), statistics or None, scores
 
 
 def apply_map_statistics(scorer: AnomalyScorer, statistics: dict[str, Any] | None) -> None:

@@ -128,7 +128,7 @@ def _recalibrate(run_dir: Path, meta: dict[str, Any], config: TrainConfig, score
                            f"{run_dir / META_FILE}; they are missing")
         return None
     dataset = ImageDataset([Sample(p, 0, "good", None) for p in val_files], config.image_size)
-    calibration, _, _ = fit_normal_statistics(scorer, dataset, threshold_k=config.threshold_k,
+    calibration, _, _ = fit_normal_statistics(scorer, dataset, threshold=config.threshold(),
                                               batch_size=config.batch_size, device=device)
     return calibration
 
@@ -157,6 +157,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     meta = read_meta(run_dir)
     try:
         config = config_from_dict(meta["config"])
+        if "threshold_rule" not in meta["config"]:      # calibrated before the rule existed: mean + k std
+            config.threshold_rule = "mean_std"
     except (KeyError, TypeError, DistilladError) as error:
         raise RunError(f"{run_dir / META_FILE} holds an invalid config: {error}") from None
     changed = _apply_map_options(config, map_options or {})

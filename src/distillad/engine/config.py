@@ -11,6 +11,7 @@ import yaml
 from distillad.backbones import BACKBONE_NAMES
 from distillad.errors import ConfigError
 from distillad.methods import method_class
+from distillad.scoring.calibration import THRESHOLD_RULES, ThresholdRule
 from distillad.typed import typed_values
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -40,11 +41,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     val_fraction: float = 0.1                   # share of train/good held out as defect-free validation
-    threshold_k: float = 3.0                    # calibration: threshold = mean + k * std of validation scores
+    # calibration from the validation scores: gumbel (a Gumbel law fitted to them, cut where `false_alarm_rate` of
+    # defect-free images are expected above) or mean_std (mean + threshold_k * std); see scoring/calibration.py
+    threshold_rule: str = "gumbel"
+    false_alarm_rate: float = 0.03
+    threshold_k: float = 3.0
     cache_teacher: bool = True                  # compute the frozen teacher's features once (no augmentation)
     channels_last: bool = True                  # NHWC tensors: depthwise convolutions train ~1.6x faster on CPU
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     options: dict[str, Any] = field(default_factory=dict)   # method switches, see each method's Options class
+
+    def threshold(self) -> ThresholdRule:
+        """The calibration rule these settings describe."""
+        return ThresholdRule(self.threshold_rule, self.threshold_k, self.false_alarm_rate)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -82,6 +91,15 @@ class TrainConfig:
             raise ConfigError("optimizer.weight_decay and momentum must be >= 0 and betas in [0, 1)")
         if self.threshold_k < 0:
             raise ConfigError(f"threshold_k must be >= 0, got {self.threshold_k}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}")
+        if not 0.0 < self.false_alarm_rate < 0.5:
+            raise ConfigError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
+        options = method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
+        code_stride = 2 ** (max(options.pyramid_levels()) + 2)      # the embedding's code: twice the deepest stride
+        if self.image_size % code_stride:
+            raise ConfigError(f"image_size must be a multiple of {code_stride} (the embedding's stride with levels "
+                              f"{list(options.levels)}), got {self.image_size}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.device != "cpu" and not self.device.startswith("cuda"):

@@ -65,6 +65,7 @@ def threshold_report(scores: np.ndarray, labels: np.ndarray, calibration: Calibr
     normal, defective = labels == 0, labels == 1
     return {
         "value": calibration.threshold,
+        "rule": calibration.describe(),
         "false_alarm_rate": float(predicted[normal].mean()) if normal.any() else None,
         "detection_rate": float(predicted[defective].mean()) if defective.any() else None,
         "accuracy": float((predicted == defective).mean()),

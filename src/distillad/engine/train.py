@@ -307,9 +307,10 @@ MIN_CALIBRATION_IMAGES = 10
 def calibration_warning(n_val: int, name: str) -> str | None:
     """Why the threshold of a run calibrated on `n_val` images is not to be trusted (None when it is).
 
-    The threshold is mean + k std of the validation scores. The relative standard error of a standard deviation
-    estimated from n scores is about 1 / sqrt(2 (n - 1)): 24 % at n = 10, 50 % at n = 3, undefined at n = 1 (the
-    threshold is then the single score plus a floor). Below 10 images the threshold is mostly noise."""
+    The threshold comes from the spread of the validation scores (a fitted tail, or mean + k std). The relative
+    standard error of a standard deviation estimated from n scores is about 1 / sqrt(2 (n - 1)): 24 % at n = 10, 50 %
+    at n = 3, undefined at n = 1 (the threshold is then the single score plus a floor). Below 10 images the threshold
+    is mostly noise."""
     if n_val >= MIN_CALIBRATION_IMAGES:
         return None
     return (f"{name}: the threshold is calibrated on {n_val} defect-free validation image(s); below "
@@ -437,7 +438,7 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
     # comes after saving the trained weights).
     scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
     calibration, map_statistics, val_scores = fit_normal_statistics(
-        scorer, calibration_set, threshold_k=config.threshold_k, batch_size=config.batch_size, device=device)
+        scorer, calibration_set, threshold=config.threshold(), batch_size=config.batch_size, device=device)
     extra: dict[str, Any] = {
         "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
                  "val_files": [str(s.path) for s in data.val]},
@@ -455,5 +456,5 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
     if dist.enabled:
         ddp.barrier()
     log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
-        f"(mean + {config.threshold_k:g} std of {calibration.n_images} {calibration_source} scores); saved {run_dir}")
+        f"({calibration.describe(calibration_source)}); saved {run_dir}")
     return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)
