@@ -40,6 +40,7 @@ TABLES = (
       "dskd_pos_score", "dskd_norm_pos_score")),
     ("The training-free reference against default DSKD", "dskd", ("dskd", "patchcore")),
     ("Training length (benchmarks/length128.yaml, 128 px)", "dskd", ("dskd", "dskd_e30")),
+    ("AAND at 256 px against DSKD (benchmarks/study256.yaml)", "dskd", ("dskd", "aand", "aand_pos_score")),
 )
 
 

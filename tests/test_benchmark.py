@@ -130,6 +130,15 @@ def test_changed_settings_are_not_mixed_with_finished_cells(finished, counted):
     with pytest.raises(RunError, match="differs in: epochs"):
         run_benchmark(spec, overrides={"epochs": 2}, progress=False, log=lambda _: None)
     assert trainer.calls == 2
+    # threshold settings change no trained model and no results.csv metric, and a cell saved before they existed
+    # lacks them: neither retrains
+    cell_file = spec.out / "cells/stfpm/syn/seed0/cell.json"
+    record = json.loads(cell_file.read_text())
+    for key in ("threshold_rule", "false_alarm_rate"):
+        record["config"].pop(key)
+    cell_file.write_text(json.dumps(record))
+    run_benchmark(spec, overrides={"threshold_k": 2.0}, progress=False, log=lambda _: None)
+    assert trainer.calls == 2
     only_stfpm = build_spec(yaml.safe_load((spec.out.parent / "spec.yaml").read_text()), variants=["stfpm"])
     run_benchmark(only_stfpm, overrides={"epochs": 2}, redo_changed=True, progress=False, log=lambda _: None)
     assert trainer.calls == 3

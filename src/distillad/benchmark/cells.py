@@ -24,8 +24,10 @@ from distillad.methods.base import MAP_OPTIONS
 CELL_FILE = "cell.json"
 TEST_FILE = "test.json"
 CELLS_FOLDER = "cells"
-# Settings that may differ between the run that made a cell and this one without changing its results.
-_IGNORED_CONFIG_KEYS = ("device",)
+# Settings that may differ between the run that made a cell and this one without changing its results: the device,
+# and the threshold settings, which change neither the trained model nor any metric in results.csv (test.json's
+# threshold report names the rule its run was calibrated with).
+_IGNORED_CONFIG_KEYS = ("device", "threshold_rule", "false_alarm_rate", "threshold_k")
 
 
 @dataclass
@@ -57,7 +59,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_difference(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
-    """The settings (other than the device) in which a saved config differs from the wanted one, sorted."""
+    """The settings (other than the device and the threshold's) in which a saved config differs from the wanted one,
+    sorted."""
     saved, current = _comparable(saved), _comparable(wanted.to_dict())
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
