@@ -5,8 +5,8 @@ No defective image is ever needed. Two rules set the threshold from the validati
   law is fitted (maximum likelihood) and the threshold is where it leaves `false_alarm_rate` (3 %) above it;
 - `mean_std`: mean + k * std (k = 3: about 0.1 % false alarms for Gaussian scores; far fewer detections).
 benchmarks/RESULTS.md section 4 compares them on good and defective test images. The normalised score is
-sigmoid((score - threshold) / std), so 0.5 is the threshold. Because the image score is the maximum of the map, the same threshold on pixels gives a binary mask
-that is non-empty exactly when the image is called defective.
+sigmoid((score - threshold) / std), so 0.5 is the threshold. Because the image score is the maximum of the map,
+the same threshold on pixels gives a binary mask that is non-empty exactly when the image is called defective.
 """
 
 from __future__ import annotations
