@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import distillad
 from distillad.data import ImageDataset, Sample, load_category
-from distillad.methods.parts import cosine_distance_map
+from distillad.methods.parts import cosine_distance_map, local_average
 from distillad.metrics import image_auroc
 
 
@@ -33,8 +33,7 @@ def raw_maps(run: distillad.Run, samples: list[Sample], size: int,
     with torch.inference_mode():
         for batch in DataLoader(ImageDataset(samples, run.image_size), batch_size=16):
             if k > 1:
-                pool = lambda f: F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False)  # noqa: E731
-                per = [[cosine_distance_map(pool(t), pool(s)) for t, s in student]
+                per = [[cosine_distance_map(local_average(t, k), local_average(s, k)) for t, s in student]
                        for student in run.scorer.model.feature_pairs(batch["image"])]
             else:
                 per = run.scorer.raw_maps(batch["image"])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from distillad.backbones import backbone_spec, create_backbone
 from distillad.data import ImageDataset, Sample, load_category
+from distillad.methods.parts import local_average
 from distillad.metrics import image_auroc
 
 
@@ -44,8 +45,7 @@ def probe(train: list[torch.Tensor], test: list[torch.Tensor], labels: np.ndarra
     """Image AUROC of the nearest-neighbour probe on `levels` (1-based, resized to the shallowest one's grid)."""
     def stack(features: list[torch.Tensor]) -> torch.Tensor:
         size = features[levels[0] - 1].shape[-2:]
-        chosen = [F.avg_pool2d(features[lv - 1], 3, 1, 1, count_include_pad=False) if pool else features[lv - 1]
-                  for lv in levels]
+        chosen = [local_average(features[lv - 1], 3 if pool else 1) for lv in levels]
         return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in chosen], 1)
 
     tr, te = stack(train), stack(test)

@@ -11,7 +11,7 @@ import yaml
 from distillad.backbones import BACKBONE_NAMES
 from distillad.errors import ConfigError
 from distillad.methods import method_class
-from distillad.scoring.calibration import THRESHOLD_RULES, ThresholdRule
+from distillad.scoring.calibration import ThresholdRule, check_threshold_settings
 from distillad.typed import typed_values
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -71,14 +71,16 @@ class TrainConfig:
         return max(1, int(self.min_epochs), round(self.steps / max(1, steps_per_epoch)))
 
     def validate(self) -> None:
-        method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
+        options = method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
         for name in ("image_size", "epochs", "batch_size", "steps", "min_epochs"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.image_size % 32:
-            raise ConfigError(f"image_size must be a multiple of 32 (the embedding works at stride 32), got {self.image_size}")
+        code_stride = 2 ** (max(options.pyramid_levels()) + 2)      # the embedding's code: twice the deepest stride
+        if self.image_size % code_stride:
+            raise ConfigError(f"image_size must be a multiple of {code_stride} (the embedding works at stride "
+                              f"{code_stride} with levels {list(options.levels)}), got {self.image_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.optimizer.name not in ("adam", "sgd"):
@@ -91,15 +93,7 @@ class TrainConfig:
             raise ConfigError("optimizer.weight_decay and momentum must be >= 0 and betas in [0, 1)")
         if self.threshold_k < 0:
             raise ConfigError(f"threshold_k must be >= 0, got {self.threshold_k}")
-        if self.threshold_rule not in THRESHOLD_RULES:
-            raise ConfigError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold_rule!r}")
-        if not 0.0 < self.false_alarm_rate < 0.5:
-            raise ConfigError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate}")
-        options = method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
-        code_stride = 2 ** (max(options.pyramid_levels()) + 2)      # the embedding's code: twice the deepest stride
-        if self.image_size % code_stride:
-            raise ConfigError(f"image_size must be a multiple of {code_stride} (the embedding's stride with levels "
-                              f"{list(options.levels)}), got {self.image_size}")
+        check_threshold_settings(self.threshold_rule, self.false_alarm_rate)
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.device != "cpu" and not self.device.startswith("cuda"):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from distillad.backbones import create_backbone
 from distillad.errors import ConfigError
@@ -28,7 +27,7 @@ from distillad.methods.base import (
     register_method,
     select_levels,
 )
-from distillad.methods.parts import cosine_distance_map, global_cosine_distance, reverse_student
+from distillad.methods.parts import cosine_distance_map, global_cosine_distance, local_average, reverse_student
 
 
 @dataclass
@@ -83,8 +82,7 @@ class DSKD(DistillationModel):
     def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
         teacher = self.teacher_features(images, teacher)
         if self.options.teacher_pool > 1:
-            k = self.options.teacher_pool
-            teacher = [F.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False) for t in teacher]
+            teacher = [local_average(t, self.options.teacher_pool) for t in teacher]
         students: list[list[torch.Tensor]] = []
         encoder: list[torch.Tensor] = []
         if self.use_encoder:

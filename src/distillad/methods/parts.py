@@ -37,6 +37,15 @@ def hard_pixel_distance(teacher: torch.Tensor, student: torch.Tensor, k: int) ->
     return distances.topk(k, dim=1).values.mean(dim=1)
 
 
+def local_average(features: torch.Tensor, patch_size: int = 3) -> torch.Tensor:
+    """Each position's feature averaged over its patch_size x patch_size neighbourhood (B,C,h,w) -> (B,C,h,w).
+
+    At the border only the neighbours inside the map are averaged (no zero padding counted)."""
+    if patch_size == 1:
+        return features
+    return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),

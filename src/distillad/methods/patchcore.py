@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from distillad.errors import ConfigError
 from distillad.methods.base import (DistillationModel, FeaturePairs, FitContext, MethodOptions, TrainingStage,
                                     register_method)
+from distillad.methods.parts import local_average
 
 # Bank rows per distance block: at batch 16 and 256 px (16384 query positions) a block is 16384 x 4096 floats,
 # 256 MiB, whatever the bank's size. The loop over blocks is a fixed Python loop (the bank's size is fixed once
@@ -58,15 +59,6 @@ class PatchCoreOptions(MethodOptions):
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
-
-
-def local_average(features: torch.Tensor, patch_size: int = 3) -> torch.Tensor:
-    """Each position's feature averaged over its patch_size x patch_size neighbourhood (B,C,h,w) -> (B,C,h,w).
-
-    At the border only the neighbours inside the map are averaged (no zero padding counted)."""
-    if patch_size == 1:
-        return features
-    return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
 
 
 def channel_pooling_matrix(channels: int, dim: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from distillad.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -71,6 +73,14 @@ class ThresholdRule:
         return calibrate(val_scores, k=self.k, rule=self.kind, false_alarm_rate=self.false_alarm_rate)
 
 
+def check_threshold_settings(rule: str, false_alarm_rate: float) -> None:
+    """The one check of the threshold settings, for the run config and for `calibrate`."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"threshold rule (threshold_rule) must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
+    if not 0.0 < false_alarm_rate < 0.5:
+        raise ConfigError(f"false_alarm_rate must be in (0, 0.5), got {false_alarm_rate}")
+
+
 def gumbel_threshold(scores: np.ndarray, false_alarm_rate: float) -> float | None:
     """The score a maximum-likelihood Gumbel law fitted to `scores` exceeds with probability `false_alarm_rate`;
     None when the fit is degenerate (identical scores, a failed optimisation)."""
@@ -89,10 +99,7 @@ def gumbel_threshold(scores: np.ndarray, false_alarm_rate: float) -> float | Non
 def calibrate(val_scores: Sequence[float] | np.ndarray, k: float = 3.0, *, rule: str = "mean_std",
               false_alarm_rate: float = 0.03) -> Calibration:
     """Fit the threshold on defect-free validation scores with `rule` (see the module docstring)."""
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
-    if not 0.0 < false_alarm_rate < 0.5:
-        raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {false_alarm_rate}")
+    check_threshold_settings(rule, false_alarm_rate)
     scores = np.asarray(val_scores, dtype=np.float64).ravel()
     if scores.size == 0:
         raise ValueError("calibration needs at least one defect-free validation image")
