@@ -41,6 +41,9 @@ TABLES = (
     ("The training-free reference against default DSKD", "dskd", ("dskd", "patchcore")),
     ("Training length (benchmarks/length128.yaml, 128 px)", "dskd", ("dskd", "dskd_e30")),
     ("AAND at 256 px against DSKD (benchmarks/study256.yaml)", "dskd", ("dskd", "aand", "aand_pos_score")),
+    ("Denoising students at 256 px against DSKD (benchmarks/study256.yaml)", "dskd",
+     ("dskd", "dskd_denoise", "dskd_denoise_pos")),
+    ("PatchCore's border averaging (benchmarks/study256.yaml)", "patchcore_inside", ("patchcore_inside", "patchcore")),
 )
 
 

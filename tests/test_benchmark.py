@@ -145,6 +145,20 @@ def test_changed_settings_are_not_mixed_with_finished_cells(finished, counted):
     assert json.loads((spec.out / "cells/stfpm/syn/seed0/cell.json").read_text())["config"]["epochs"] == 2
 
 
+def test_a_cell_saved_before_an_option_existed_compares_with_the_value_it_was_built_with():
+    """PatchCore's patch_padding arrived with a new default ("zeros"); its older cells were built with "inside"."""
+    from distillad.benchmark.cells import config_difference
+    from distillad.engine.config import TrainConfig
+
+    old = TrainConfig(method="patchcore").to_dict()
+    old["options"] = {}
+    assert config_difference(old, TrainConfig(method="patchcore", options={"patch_padding": "inside"})) == []
+    wanted_default = TrainConfig(method="patchcore")
+    wanted_default.validate()                       # the default is written into the options, so saved explicitly
+    assert wanted_default.options == {"patch_padding": "zeros"}
+    assert config_difference(old, wanted_default) == ["options"]
+
+
 def test_means_over_seeds_and_categories(tmp_path):
     """Aggregation on hand-written cell records: per category mean ± sample std over seeds; the summary is the mean
     over categories with the std over seeds of the per-seed category means."""

@@ -380,3 +380,33 @@ def test_position_norm_score_keeps_the_map_and_scores_its_excess(tiny_run):
     arrays = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image in images]
     for prediction in predict_batch(score_run, arrays, [None] * 3):
         assert prediction.mask.any() == prediction.is_defective
+
+
+def test_denoising_run_resumes_to_the_weights_of_an_uninterrupted_run(tiny_category, tmp_path, monkeypatch):
+    """DSKD with `denoise` draws synthetic anomalies from its own generator: the epoch checkpoint saves that stream,
+    so a run interrupted in epoch 2 and resumed ends with exactly the weights of a run never interrupted."""
+    from distillad.methods import DSKD
+
+    config = resolve_config("dskd", overrides={"image_size": 64, "epochs": 2, "batch_size": 4,
+                                               "options": {"denoise": 1.0, "foreground": "whole"}})
+    data = discover_mvtec(tiny_category, val_fraction=0.25, seed=0)
+    train_run(config, data, tmp_path / "whole", progress=False, log=lambda _: None)
+
+    original = DSKD.training_loss
+    calls = {"n": 0}
+
+    def interrupted(self, images, teacher=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 4:          # 9 training images, batch 4: the first step of epoch 2
+                raise KeyboardInterrupt
+        return original(self, images, teacher)
+
+    monkeypatch.setattr(DSKD, "training_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, data, tmp_path / "killed", progress=False, log=lambda _: None)
+    train_run(config, data, tmp_path / "killed", progress=False, resume=True, log=lambda _: None)
+    whole = torch.load(tmp_path / "whole" / MODEL_FILE, weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / MODEL_FILE, weights_only=True)
+    assert calls["n"] > 4 and whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -175,6 +175,35 @@ def test_teacher_pool_target_is_the_local_average_of_the_teacher(images):
         build_model("dskd", BACKBONE, {"teacher_pool": 2}, pretrained=False)
 
 
+def test_denoising_students_see_anomalies_but_learn_the_clean_teacher(images):
+    """denoise: in training, the students get the synthetic-anomaly version of each image while the targets stay
+    the teacher's features of the clean image; in eval mode (the held-out loss) nothing is added; the anomaly
+    stream is seeded from torch's seed at the first batch and resumes from its saved state."""
+    model = build_model("dskd", BACKBONE, {"denoise": 1.0, "foreground": "whole"}, pretrained=False)
+    clean_teacher = model.teacher_features(images)
+    torch.manual_seed(7)
+    saved = None
+    model.train()
+    with torch.no_grad():
+        first = model.training_loss(images, clean_teacher)
+        assert model.anomalies.seeded and model.anomalies.generator.seed == 7
+        saved = model.anomalies.state()
+        second = model.training_loss(images, clean_teacher)
+        # by hand: the same anomalies from a generator put back in the saved state
+        model.anomalies.load_state(saved)
+        batch = model.anomalies(images)
+        assert batch.applied.all() and batch.masks.sum() > 0
+        hand = model.loss(model.feature_pairs(batch.images, clean_teacher))
+        assert torch.allclose(second, hand)
+        assert not torch.allclose(first, model.loss(model.feature_pairs(images, clean_teacher)))
+        model.eval()
+        assert torch.allclose(model.training_loss(images), model.loss(model.feature_pairs(images)))
+    stages = model.training_stages()
+    assert len(stages) == 1 and stages[0].state is not None and stages[0].loss == model.training_loss
+    plain = build_model("dskd", BACKBONE, {}, pretrained=False)
+    assert plain.anomalies is None and plain.training_stages()[0].state is None
+
+
 def test_invalid_options_are_rejected_with_names():
     with pytest.raises(ValueError, match="unknown option"):
         build_model("dskd", BACKBONE, {"df_imput": "student"}, pretrained=False)
@@ -188,6 +217,10 @@ def test_invalid_options_are_rejected_with_names():
         build_model("dskd", BACKBONE, {"levels": [5]}, pretrained=False)
     with pytest.raises(ValueError, match="unknown method"):
         build_model("no_such_method", BACKBONE)
+    with pytest.raises(ValueError, match="denoise must be in"):
+        build_model("dskd", BACKBONE, {"denoise": 1.5}, pretrained=False)
+    with pytest.raises(ValueError, match="foreground=mask needs"):
+        build_model("dskd", BACKBONE, {"denoise": 0.5, "foreground": "mask"}, pretrained=False)
 
 
 def test_rd_decoder_sees_only_the_teacher(images):

@@ -121,6 +121,11 @@ def test_local_aggregation_hand_computed():
     assert torch.equal(local_average(grid, 1), grid)
     two = torch.stack([grid[0, 0], -grid[0, 0]]).unsqueeze(0)                    # channels are separate
     assert torch.allclose(local_average(two, 3)[0, 1], -out[0, 0])
+    padded = local_average(grid, 3, count_padding=True)                          # missing neighbours count as 0
+    assert padded[0, 0, 1, 1].item() == pytest.approx(out[0, 0, 1, 1].item())
+    assert padded[0, 0, 0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 9)
+    assert padded[0, 0, 0, 1].item() == pytest.approx((0 + 1 + 2 + 4 + 5 + 6) / 9)
+    assert padded[0, 0, 3, 3].item() == pytest.approx((10 + 11 + 14 + 15) / 9)
 
 
 def test_patch_features_concatenate_aggregated_levels_on_the_shallow_grid():
@@ -129,10 +134,17 @@ def test_patch_features_concatenate_aggregated_levels_on_the_shallow_grid():
     with torch.no_grad():
         levels = model.teacher_features(images)
         patches = model.patch_features(images)
-    level2 = local_average(levels[1], 3)
-    level3 = F.interpolate(local_average(levels[2], 3), size=level2.shape[-2:], mode="bilinear", align_corners=False)
+    level2 = local_average(levels[1], 3, count_padding=True)        # the reference's zero-padded 3x3 average
+    level3 = F.interpolate(local_average(levels[2], 3, count_padding=True), size=level2.shape[-2:],
+                           mode="bilinear", align_corners=False)
     expected = torch.cat([level2, level3], 1).permute(0, 2, 3, 1)
     assert torch.allclose(patches, expected, atol=1e-6)
+    inside = build_model("patchcore", BACKBONE, {"patch_padding": "inside"}, pretrained=False).eval()
+    inside.teacher.load_state_dict(model.teacher.state_dict())
+    with torch.no_grad():
+        border_inside = inside.patch_features(images)
+    assert torch.allclose(border_inside[0, 0, 0, :40], local_average(levels[1], 3)[0, :, 0, 0], atol=1e-6)
+    assert torch.allclose(border_inside[0, 3, 3], patches[0, 3, 3], atol=1e-6)     # the interior is the same
     pooled = build_model("patchcore", BACKBONE, {"feature_dim": 64}, pretrained=False).eval()
     pooled.teacher.load_state_dict(model.teacher.state_dict())
     with torch.no_grad():
@@ -154,6 +166,8 @@ def test_options_are_checked():
         build_model("patchcore", BACKBONE, {"coreset_ratio": 0}, pretrained=False)
     with pytest.raises(ConfigError, match="patch_size"):
         build_model("patchcore", BACKBONE, {"patch_size": 2}, pretrained=False)
+    with pytest.raises(ConfigError, match="patch_padding"):
+        build_model("patchcore", BACKBONE, {"patch_padding": "reflect"}, pretrained=False)
     with pytest.raises(ConfigError, match="wider"):
         build_model("patchcore", BACKBONE, {"feature_dim": 500}, pretrained=False)
     with pytest.raises(ValueError, match="exactly one"):
@@ -248,6 +262,17 @@ def test_train_test_predict_load_round_trip(synthetic, tmp_path):
     timing = ("seconds", "inference_seconds")
     assert {k: v for k, v in loaded.evaluate(synthetic).items() if k not in timing} == \
         {k: v for k, v in metrics.items() if k not in timing}
+
+    # the padding is saved explicitly; a run saved before the option existed was built with "inside" and loads so
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["options"]["patch_padding"] == "zeros"
+    assert loaded.scorer.model.options.patch_padding == "zeros"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / MODEL_FILE).write_bytes((out / MODEL_FILE).read_bytes())
+    del meta["config"]["options"]["patch_padding"]
+    (legacy / "meta.json").write_text(json.dumps(meta))
+    assert load_run(legacy).model.options.patch_padding == "inside"
 
     unfolded = load_run(out, fold_batchnorm=False)
     images = torch.rand(2, 3, 64, 64)

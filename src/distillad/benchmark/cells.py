@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distillad.benchmark.spec import BenchmarkSpec, resolve_variant
-from distillad.engine.checkpoint import META_FILE, read_meta
+from distillad.engine.checkpoint import META_FILE, read_meta, with_legacy_defaults
 from distillad.engine.config import TrainConfig
 from distillad.errors import RunError
 from distillad.methods.base import MAP_OPTIONS
@@ -60,8 +60,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_difference(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
     """The settings (other than the device and the threshold's) in which a saved config differs from the wanted one,
-    sorted."""
-    saved, current = _comparable(saved), _comparable(wanted.to_dict())
+    sorted. A saved config lacking an option added since is compared with the value its run was built with."""
+    saved, current = _comparable(with_legacy_defaults(saved)), _comparable(wanted.to_dict())
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 

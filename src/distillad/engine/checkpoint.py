@@ -23,7 +23,7 @@ from distillad.engine.calibrate import apply_map_statistics, fit_normal_statisti
 from distillad.errors import ConfigError, DistilladError, RunError
 from distillad.io import atomic_torch_save, atomic_write_json
 from distillad.methods import DistillationModel, build_model, method_class
-from distillad.methods.base import MAP_OPTIONS
+from distillad.methods.base import MAP_OPTIONS, METHODS
 from distillad.scoring import AnomalyScorer, Calibration, make_scorer
 
 MODEL_FILE = "model.pt"
@@ -143,6 +143,16 @@ def _state_mismatch(model: DistillationModel, state: dict[str, Any]) -> str | No
     return None
 
 
+def with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the values its run was built with for options added since (the method's
+    `legacy_defaults`), so that a newer default never silently changes an older run."""
+    method = METHODS.get(saved.get("method")) if isinstance(saved, dict) else None
+    legacy = method.options_class.legacy_defaults if method is not None else {}
+    if not legacy or not isinstance(saved.get("options", {}), dict):
+        return saved
+    return {**saved, "options": {**legacy, **saved.get("options", {})}}
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              map_options: dict[str, Any] | None = None, fold_batchnorm: bool = True) -> LoadedRun:
     """Rebuild the model from meta.json and load model.pt with weights_only=True (no teacher download needed).
@@ -156,7 +166,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     device = resolve_device(device)
     meta = read_meta(run_dir)
     try:
-        config = config_from_dict(meta["config"])
+        config = config_from_dict(with_legacy_defaults(meta["config"]))
         if "threshold_rule" not in meta["config"]:      # calibrated before the rule existed: mean + k std
             config.threshold_rule = "mean_std"
     except (KeyError, TypeError, DistilladError) as error:

@@ -72,6 +72,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         options = method_class(self.method).options_class.from_dict(self.options, source=f"{self.method} options")
+        for key in options.legacy_defaults:     # saved explicitly, so the run never passes for one that predates it
+            self.options.setdefault(key, getattr(options, key))
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
         for name in ("image_size", "epochs", "batch_size", "steps", "min_epochs"):

@@ -31,7 +31,7 @@ from distillad.methods.base import (
     FeaturePairs,
     MethodOptions,
     TrainingStage,
-    check_choice,
+    check_foreground,
     register_method,
     select_levels,
 )
@@ -85,9 +85,7 @@ class AANDOptions(MethodOptions):
             raise ConfigError(f"gate_threshold must be in [0, 1), got {self.gate_threshold}")
         if self.amplification_weight < 0 or self.amplification_margin < 0:
             raise ConfigError("amplification_weight and amplification_margin must be >= 0")
-        check_choice("foreground", self.foreground, ("auto", "whole", "mask"))
-        if (self.foreground == "mask") != (self.foreground_mask is not None):
-            raise ConfigError("foreground=mask needs foreground_mask=FILE, and foreground_mask needs foreground=mask")
+        check_foreground(self.foreground, self.foreground_mask)
 
 
 # ------------------------------------------------------------------------------------------------------ RAA module
@@ -315,29 +313,25 @@ class AAND(DistillationModel):
         """
         if self.amplifiers is None:
             raise RuntimeError("amplify=False: this AAND model has no amplification stage")
+        from distillad.data.anomalies import StageAnomalies
+
         amplifiers = self.amplifiers
-        generator = self.anomaly_generator(0)
-        state: dict[str, Any] = {"seeded": False, "pixels": torch.Generator()}
+        source = StageAnomalies(self.anomaly_generator(0), self.options.anomaly_seed)
+        pixels = torch.Generator()
 
         def loss(images: torch.Tensor, teacher: list[torch.Tensor] | None) -> torch.Tensor:
-            if not state["seeded"]:
-                seed = self.options.anomaly_seed if self.options.anomaly_seed is not None else torch.initial_seed()
-                generator.reseed(int(seed) % 2**63)
-                state["pixels"].manual_seed(int(seed) % 2**63)
-                state["seeded"] = True
-            batch = generator.generate(images)
+            if not source.seeded:
+                pixels.manual_seed(source.ensure_seeded())
+            batch = source(images)
             vanilla = self.vanilla_features(batch.images)
-            return self.amplification_loss(vanilla, batch.masks, batch.foreground, state["pixels"])
+            return self.amplification_loss(vanilla, batch.masks, batch.foreground, pixels)
 
         def random_state() -> dict[str, Any]:
-            return {"seeded": state["seeded"], "pixels": state["pixels"].get_state(), "anomaly_seed": generator.seed,
-                    "anomalies": generator.rng.bit_generator.state}
+            return {**source.state(), "pixels": pixels.get_state()}
 
         def load_random_state(saved: dict[str, Any]) -> None:
-            state["seeded"] = bool(saved["seeded"])
-            state["pixels"].set_state(saved["pixels"])
-            generator.reseed(int(saved["anomaly_seed"]))
-            generator.rng.bit_generator.state = saved["anomalies"]
+            source.load_state(saved)
+            pixels.set_state(saved["pixels"])
 
         return TrainingStage("amplify", amplifiers.parameters, loss, cache_teacher=False,
                              length_ratio=AMPLIFY_EPOCHS / DISTILL_EPOCHS, state=random_state,

@@ -46,6 +46,9 @@ class MethodOptions:
     # The deepest teacher tap this method's students can learn; students always reproduce the pyramid from level 1
     # to the deepest of max(levels) and 3 (pyramid_levels), whichever levels are matched.
     deepest_level: ClassVar[int] = 3
+    # Options whose default changed, with the value runs saved before they existed were trained with: such a run's
+    # config lacks the key, so loading fills in the old value; new runs save the key explicitly (TrainConfig).
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, source: str = "method options") -> MethodOptions:
@@ -84,6 +87,13 @@ class MethodOptions:
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_foreground(foreground: str, foreground_mask: str | None) -> None:
+    """Where synthetic anomalies may go (the `foreground` and `foreground_mask` options of AAND and DSKD)."""
+    check_choice("foreground", foreground, ("auto", "whole", "mask"))
+    if (foreground == "mask") != (foreground_mask is not None):
+        raise ConfigError("foreground=mask needs foreground_mask=FILE, and foreground_mask needs foreground=mask")
 
 
 @dataclass

@@ -13,7 +13,7 @@ ablations in benchmarks/.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,7 +23,9 @@ from distillad.methods.base import (
     DistillationModel,
     FeaturePairs,
     MethodOptions,
+    TrainingStage,
     check_choice,
+    check_foreground,
     register_method,
     select_levels,
 )
@@ -45,10 +47,21 @@ class DSKDOptions(MethodOptions):
     # the image score is the map's excess over its per-position maximum on the validation images; the map itself
     # is left as it is (benchmarks/RESULTS.md section 4: Magnetic Tile image AUROC +2.0 on 3/3 seeds, maps unchanged)
     position_norm: str = "score"
+    # Denoising students: this share of training images gets a synthetic anomaly (AAND's generator) and the
+    # students are asked for the teacher's features of the clean image there, so they learn to restore normal
+    # features rather than to copy whatever they see. 0 = the paper's plain distillation.
+    denoise: float = 0.0
+    foreground: str = "auto"             # where the synthetic anomalies may go: auto | whole | mask
+    foreground_mask: str | None = None   # mask image file for foreground=mask (white = object)
+    texture_dir: str | None = None       # folder of texture images; None: built-in procedural textures
 
     def validate(self) -> None:
         super().validate()
         check_choice("students", self.students, ("both", "encoder", "decoder"))
+        if not 0.0 <= self.denoise <= 1.0:
+            raise ConfigError(f"denoise must be in [0, 1] (the share of training images given an anomaly), "
+                              f"got {self.denoise}")
+        check_foreground(self.foreground, self.foreground_mask)
         check_choice("df_input", self.df_input, ("student", "teacher", "both"))
         if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
             raise ConfigError(f"teacher_pool must be an odd number >= 1, got {self.teacher_pool}")
@@ -78,6 +91,14 @@ class DSKD(DistillationModel):
             self.embedding, self.decoder_student = reverse_student(
                 embed_channels, channels, bottleneck_blocks=options.bottleneck_blocks,
                 decoder_blocks=options.decoder_blocks, relu_output=self.teacher_relu_features)
+        self.anomalies = None
+        if options.denoise > 0:
+            # built now, so that a bad texture folder or mask fails before any training
+            from distillad.data.anomalies import AnomalyGenerator, StageAnomalies
+
+            self.anomalies = StageAnomalies(AnomalyGenerator(
+                None, texture_dir=options.texture_dir, probability=options.denoise, foreground=options.foreground,
+                foreground_mask=options.foreground_mask))
 
     def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
         teacher = self.teacher_features(images, teacher)
@@ -98,6 +119,25 @@ class DSKD(DistillationModel):
                 df_in = [torch.cat([t, e], dim=1) for t, e in zip(teacher, heard)]
             students.append(self.decoder_student(self.embedding(df_in)))
         return [select_levels(list(zip(teacher, s)), self.options.levels) for s in students]
+
+    def training_loss(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """With `denoise`, training batches get synthetic anomalies while the teacher's targets stay those of the
+        clean images; in eval mode (the held-out loss on defect-free images) the images stay as they are."""
+        if self.anomalies is not None and self.training:
+            teacher = self.teacher_features(images, teacher)
+            images = self.anomalies(images).images
+        return self.loss(self.feature_pairs(images, teacher))
+
+    def training_stages(self) -> list[TrainingStage]:
+        if self.anomalies is None:
+            return super().training_stages()
+        anomalies = self.anomalies
+
+        def random_state() -> dict[str, Any]:
+            return anomalies.state()
+
+        return [TrainingStage("distill", self.trainable_parameters, self.training_loss, state=random_state,
+                              load_state=anomalies.load_state)]
 
     def loss(self, pairs: FeaturePairs) -> torch.Tensor:
         total = torch.zeros((), device=pairs[0][0][0].device)

@@ -37,13 +37,14 @@ def hard_pixel_distance(teacher: torch.Tensor, student: torch.Tensor, k: int) ->
     return distances.topk(k, dim=1).values.mean(dim=1)
 
 
-def local_average(features: torch.Tensor, patch_size: int = 3) -> torch.Tensor:
+def local_average(features: torch.Tensor, patch_size: int = 3, *, count_padding: bool = False) -> torch.Tensor:
     """Each position's feature averaged over its patch_size x patch_size neighbourhood (B,C,h,w) -> (B,C,h,w).
 
-    At the border only the neighbours inside the map are averaged (no zero padding counted)."""
+    At the border only the neighbours inside the map are averaged, unless `count_padding`: then the missing ones
+    count as zeros (the sum is divided by patch_size^2 everywhere), which shrinks border features towards 0."""
     if patch_size == 1:
         return features
-    return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+    return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=count_padding)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:

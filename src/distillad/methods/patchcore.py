@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from distillad.errors import ConfigError
 from distillad.methods.base import (DistillationModel, FeaturePairs, FitContext, MethodOptions, TrainingStage,
-                                    register_method)
+                                    check_choice, register_method)
 from distillad.methods.parts import local_average
 
 # Bank rows per distance block: at batch 16 and 256 px (16384 query positions) a block is 16384 x 4096 floats,
@@ -32,6 +33,10 @@ BANK_CHUNK = 4096
 class PatchCoreOptions(MethodOptions):
     levels: tuple[int, ...] = (2, 3)       # teacher taps; deeper ones are resized to the shallowest one's grid
     patch_size: int = 3                    # local aggregation: mean over a patch_size x patch_size neighbourhood
+    # What a border patch averages over: zeros (the reference implementations' 3x3 average pooling with zero
+    # padding counted, so border patches look alike and match border patches) | inside (only the pixels inside
+    # the map). Measured on Magnetic Tile, benchmarks/RESULTS.md section 4.
+    patch_padding: str = "zeros"
     feature_dim: int | None = None         # channel width after adaptive average pooling; None: keep all channels
     coreset_ratio: float = 0.1             # bank entries kept by the greedy k-center coreset (1: keep every patch)
     coreset_projection: int = 128          # random projection width for the coreset's distances (0: none)
@@ -42,8 +47,12 @@ class PatchCoreOptions(MethodOptions):
     reweight: bool = False                 # the paper's image-score reweighting, applied by scaling each map
     reweight_neighbours: int = 9           # b: the bank neighbours of the nearest entry used by `reweight`
 
+    # Runs saved before an option existed were built with these values (their banks depend on them).
+    legacy_defaults: ClassVar[dict[str, Any]] = {"patch_padding": "inside"}
+
     def validate(self) -> None:
         super().validate()
+        check_choice("patch_padding", self.patch_padding, ("zeros", "inside"))
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ConfigError(f"patch_size must be an odd integer >= 1, got {self.patch_size}")
         if self.feature_dim is not None and self.feature_dim < 1:
@@ -216,7 +225,8 @@ class PatchCore(DistillationModel):
     def patch_features(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Locally aggregated teacher features at the shallowest chosen level's grid: (B,h,w,feature_dim)."""
         features = self.teacher_features(images, teacher)
-        chosen = [local_average(features[level - 1], self.options.patch_size) for level in self.levels]
+        chosen = [local_average(features[level - 1], self.options.patch_size,
+                                count_padding=self.options.patch_padding == "zeros") for level in self.levels]
         size = chosen[0].shape[-2:]
         chosen = chosen[:1] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in chosen[1:]]
         patches = torch.cat(chosen, dim=1).permute(0, 2, 3, 1)

@@ -5,12 +5,13 @@ One module per concern: ``noise`` (Perlin noise, the mask shapes), ``foreground`
 """
 
 from .foreground import estimate_foreground
-from .generator import AnomalyGenerator, SyntheticAnomalies, save_anomaly_grid
+from .generator import AnomalyGenerator, StageAnomalies, SyntheticAnomalies, save_anomaly_grid
 from .noise import perlin_noise
 from .textures import TextureFolder
 
 __all__ = [
     "AnomalyGenerator",
+    "StageAnomalies",
     "SyntheticAnomalies",
     "TextureFolder",
     "estimate_foreground",

@@ -37,7 +37,7 @@ from .foreground import GREY_WEIGHTS, estimate_foreground
 from .noise import perlin_noise
 from .textures import TextureFolder, augment_texture, procedural_texture
 
-__all__ = ["FOREGROUND_MODES", "AnomalyGenerator", "SyntheticAnomalies", "save_anomaly_grid"]
+__all__ = ["FOREGROUND_MODES", "AnomalyGenerator", "StageAnomalies", "SyntheticAnomalies", "save_anomaly_grid"]
 
 FOREGROUND_MODES = ("auto", "whole", "mask")
 
@@ -174,6 +174,40 @@ class AnomalyGenerator:
         """(anomalous images (B,3,H,W) in [0,1], masks (B,1,H,W) float {0,1})."""
         result = self.generate(images, foreground)
         return result.images, result.masks
+
+
+class StageAnomalies:
+    """An `AnomalyGenerator` serving one training stage: seeded at the stage's first batch, resumable.
+
+    The engine seeds torch before each stage, so seeding from `torch.initial_seed()` then ties the anomalies to the
+    run's seed (or to `seed` when given) without advancing any global generator. `state()` goes into every epoch
+    checkpoint and `load_state()` restores it, so a resumed run draws the anomalies the uninterrupted one would."""
+
+    def __init__(self, generator: AnomalyGenerator, seed: int | None = None) -> None:
+        self.generator = generator
+        self.fixed_seed = seed
+        self.seeded = False
+
+    def ensure_seeded(self) -> int:
+        """Seed at the first call (from the fixed seed, else torch's current seed); returns the seed in use."""
+        if not self.seeded:
+            seed = self.fixed_seed if self.fixed_seed is not None else torch.initial_seed()
+            self.generator.reseed(int(seed) % 2**63)
+            self.seeded = True
+        return self.generator.seed
+
+    def __call__(self, images: torch.Tensor) -> SyntheticAnomalies:
+        self.ensure_seeded()
+        return self.generator.generate(images)
+
+    def state(self) -> dict:
+        return {"seeded": self.seeded, "anomaly_seed": self.generator.seed,
+                "anomalies": self.generator.rng.bit_generator.state}
+
+    def load_state(self, saved: dict) -> None:
+        self.seeded = bool(saved["seeded"])
+        self.generator.reseed(int(saved["anomaly_seed"]))
+        self.generator.rng.bit_generator.state = saved["anomalies"]
 
 
 # ------------------------------------------------------------------------------------------------------------ grid
