@@ -41,11 +41,11 @@ def teacher_levels(net: torch.nn.Module, spec, samples: list[Sample], size: int)
 
 
 def probe(train: list[torch.Tensor], test: list[torch.Tensor], labels: np.ndarray, levels: list[int], *,
-          pool: bool, distance: str, bank_size: int, seed: int) -> float:
+          pool: bool, distance: str, bank_size: int, seed: int, count_padding: bool = False) -> float:
     """Image AUROC of the nearest-neighbour probe on `levels` (1-based, resized to the shallowest one's grid)."""
     def stack(features: list[torch.Tensor]) -> torch.Tensor:
         size = features[levels[0] - 1].shape[-2:]
-        chosen = [local_average(features[lv - 1], 3 if pool else 1) for lv in levels]
+        chosen = [local_average(features[lv - 1], 3 if pool else 1, count_padding=count_padding) for lv in levels]
         return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in chosen], 1)
 
     tr, te = stack(train), stack(test)
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--bank", type=int, default=30000, help="bank entries kept (random subsample)")
     parser.add_argument("--seed", type=int, default=0, help="the validation split and the bank subsample")
+    parser.add_argument("--count-padding", action="store_true",
+                        help="border averages count the zero padding (PatchCore's patch_padding=zeros)")
     args = parser.parse_args()
     split = load_category(args.data, val_fraction=0.1, seed=args.seed)
     spec = backbone_spec(args.backbone)
@@ -77,7 +79,8 @@ def main() -> None:
     probes = [([2], True, "l2"), ([3], True, "l2"), ([4], True, "l2"), ([2, 3], True, "l2"), ([3, 4], True, "l2"),
               ([3], True, "cosine"), ([3], False, "l2"), ([3], False, "cosine")]
     for levels, pool, distance in probes:
-        auroc = probe(train, test, labels, levels, pool=pool, distance=distance, bank_size=args.bank, seed=args.seed)
+        auroc = probe(train, test, labels, levels, pool=pool, distance=distance, bank_size=args.bank, seed=args.seed,
+                      count_padding=args.count_padding)
         what = f"levels {'+'.join(map(str, levels))}, {'3x3 average' if pool else 'raw'}, {distance}"
         print(f"{auroc * 100:6.1f}  {what}", flush=True)
 
