@@ -91,7 +91,9 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 def check_foreground(foreground: str, foreground_mask: str | None) -> None:
     """Where synthetic anomalies may go (the `foreground` and `foreground_mask` options of AAND and DSKD)."""
-    check_choice("foreground", foreground, ("auto", "whole", "mask"))
+    from distillad.data.anomalies.generator import FOREGROUND_MODES
+
+    check_choice("foreground", foreground, FOREGROUND_MODES)
     if (foreground == "mask") != (foreground_mask is not None):
         raise ConfigError("foreground=mask needs foreground_mask=FILE, and foreground_mask needs foreground=mask")
 

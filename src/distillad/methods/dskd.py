@@ -13,7 +13,7 @@ ablations in benchmarks/.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -131,13 +131,8 @@ class DSKD(DistillationModel):
     def training_stages(self) -> list[TrainingStage]:
         if self.anomalies is None:
             return super().training_stages()
-        anomalies = self.anomalies
-
-        def random_state() -> dict[str, Any]:
-            return anomalies.state()
-
-        return [TrainingStage("distill", self.trainable_parameters, self.training_loss, state=random_state,
-                              load_state=anomalies.load_state)]
+        return [TrainingStage("distill", self.trainable_parameters, self.training_loss, state=self.anomalies.state,
+                              load_state=self.anomalies.load_state)]
 
     def loss(self, pairs: FeaturePairs) -> torch.Tensor:
         total = torch.zeros((), device=pairs[0][0][0].device)
