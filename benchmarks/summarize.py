@@ -44,6 +44,8 @@ TABLES = (
     ("Denoising students at 256 px against DSKD (benchmarks/study256.yaml)", "dskd",
      ("dskd", "dskd_denoise", "dskd_denoise_pos")),
     ("PatchCore's border averaging (benchmarks/study256.yaml)", "patchcore_inside", ("patchcore_inside", "patchcore")),
+    ("A fourth, stride-32 level and 30 epochs at 256 px against DSKD (benchmarks/study256.yaml)", "dskd",
+     ("dskd", "dskd_l4", "dskd_l4_e30")),
 )
 
 

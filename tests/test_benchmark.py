@@ -159,6 +159,51 @@ def test_a_cell_saved_before_an_option_existed_compares_with_the_value_it_was_bu
     assert config_difference(old, wanted_default) == ["options"]
 
 
+def write_record(cell, value: float, train_seconds: float = 10.0) -> None:
+    """A hand-written finished cell: every metric `value`."""
+    atomic_write_json(cell.cell_file, {
+        "metrics": {k: value for k in METRIC_KEYS}, "train_seconds": train_seconds, "epochs": 1,
+        "inference_seconds": 1.0, "n_images": 6, "n_defective": 3, "config": cell.config.to_dict()})
+
+
+def result_cells(out) -> list[tuple[str, str, str]]:
+    return [(r["variant"], r["category"], r["seed"]) for r in csv.DictReader((out / "results.csv").open())]
+
+
+def test_narrowed_runs_keep_the_other_cells_in_the_results(tmp_path):
+    """A run narrowed by flags rewrites results.csv with every finished cell of its spec file, not only its own:
+    two runs side by side (one per category, as the 256 px study was run) must not drop each other's rows."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "o"), "categories": {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")},
+        "seeds": [0, 1], "speed": False, "variants": {"dskd": {}, "stfpm": {}}}))
+    full = load_spec(spec_file)
+    assert full.reported is None
+    for cell in plan_cells(full):
+        write_record(cell, 0.5)
+    everything = [(v, c, s) for v in ("dskd", "stfpm") for c in "ab" for s in "01"]
+
+    narrowed = load_spec(spec_file, variants=["stfpm"], categories=[tmp_path / "b"], seeds=[1])
+    assert [(c.variant, c.category, c.seed) for c in plan_cells(narrowed)] == [("stfpm", "b", 1)]
+    write_results(narrowed, plan_cells(narrowed))
+    assert result_cells(full.out) == everything
+    assert "8 of 8 cells finished" in (full.out / "results.md").read_text()
+
+    # a category and a seed that only the flags name join the table once finished
+    added = load_spec(spec_file, variants=["dskd"], categories=[tmp_path / "c"], seeds=[2])
+    write_record(plan_cells(added)[0], 0.9)
+    write_results(added, plan_cells(added))
+    assert sorted(result_cells(full.out)) == sorted(everything + [("dskd", "c", "2")])
+
+    # the same through the CLI's --results-only, narrowed; and a narrowed run with another image size lists only
+    # the cells finished with that size
+    (full.out / "results.csv").unlink()
+    assert main(["benchmark", str(spec_file), "--results-only", "--seeds", "0"]) == 0
+    assert result_cells(full.out) == everything
+    assert main(["benchmark", str(spec_file), "--results-only", "--seeds", "0", "--image-size", "64"]) == 0
+    assert result_cells(full.out) == []
+
+
 def test_means_over_seeds_and_categories(tmp_path):
     """Aggregation on hand-written cell records: per category mean ± sample std over seeds; the summary is the mean
     over categories with the std over seeds of the per-seed category means."""
@@ -167,10 +212,7 @@ def test_means_over_seeds_and_categories(tmp_path):
     cells = plan_cells(spec)
     values = {("a", 0): 0.90, ("a", 1): 1.00, ("b", 0): 0.70, ("b", 1): 0.80}
     for cell in cells:
-        value = values[(cell.category, cell.seed)]
-        atomic_write_json(cell.cell_file, {
-            "metrics": {k: value for k in METRIC_KEYS}, "train_seconds": 10.0 * (cell.seed + 1), "epochs": 1,
-            "inference_seconds": 1.0, "n_images": 6, "n_defective": 3, "config": cell.config.to_dict()})
+        write_record(cell, values[(cell.category, cell.seed)], train_seconds=10.0 * (cell.seed + 1))
     write_results(spec, cells)
     markdown = (spec.out / "results.md").read_text()
     assert "| a | dskd | 2/2 | 95.0 ± 7.1 | 95.0 ± 7.1 |" in markdown       # stdev([90, 100]) = 7.07

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="train and test variants x categories x seeds; write results.csv and results.md",
         description="Runs every (variant, category, seed) cell of a YAML spec (see benchmarks/*.yaml) or of the "
                     "flags, skipping finished cells, and rewrites OUT/results.csv and OUT/results.md after each. "
-                    "Relative paths are taken from the current folder. With --engine ray every cell is a Ray task "
+                    "Flags that narrow a spec (--variants, --categories, --seeds, --methods) narrow what runs, not "
+                    "the results files: they list every finished cell of the spec and of the flags. Relative paths are taken from the current folder. With --engine ray every cell is a Ray task "
                     "(a local Ray, or the cluster at --address); the output folder and the data must then be on a "
                     "filesystem every Ray node sees, under the same paths.")
     bench.add_argument("spec", nargs="?", type=Path, default=None, metavar="SPEC.yaml",
@@ -439,7 +440,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         return 0
     if args.results_only:
         spec.out.mkdir(parents=True, exist_ok=True)
-        csv_path, md_path = write_results(spec, plan_cells(spec, overrides))
+        csv_path, md_path = write_results(spec, plan_cells(spec, overrides), overrides)
         print(f"wrote {csv_path} and {md_path}")
         return 0
     if args.engine == "ray":

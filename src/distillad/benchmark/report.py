@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from distillad.benchmark.cells import Cell, cell_status, finished_record
+from distillad.benchmark.cells import Cell, cell_status, finished_record, plan_cells
 from distillad.benchmark.spec import BenchmarkSpec
 from distillad.engine.config import TrainConfig
 from distillad.io import atomic_write_text
@@ -187,8 +187,14 @@ def results_markdown(spec: BenchmarkSpec, cells: list[Cell], rows: list[dict[str
     return "\n".join(lines) + "\n"
 
 
-def write_results(spec: BenchmarkSpec, cells: list[Cell]) -> tuple[Path, Path]:
-    """Rewrite OUT/results.csv and OUT/results.md from the finished cells, atomically."""
+def write_results(spec: BenchmarkSpec, cells: list[Cell],
+                  overrides: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Rewrite OUT/results.csv and OUT/results.md from the finished cells, atomically: `cells` (planned with
+    `overrides`) and, when flags narrowed the spec, every other cell of the spec file (`BenchmarkSpec.reported`)."""
+    if spec.reported is not None:
+        planned = {cell.folder: cell for cell in cells}
+        spec = spec.reported
+        cells = [planned.get(cell.folder, cell) for cell in plan_cells(spec, overrides)]
     rows = results_rows(spec, cells)
     csv_path, md_path = spec.out / "results.csv", spec.out / "results.md"
     atomic_write_text(csv_path, results_csv(rows))

@@ -197,7 +197,7 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
     start = time.perf_counter()
     for variant in spec.variants:
         _ensure_speed(spec, variant, cells, log)
-    result.csv_path, result.md_path = write_results(spec, cells)
+    result.csv_path, result.md_path = write_results(spec, cells, overrides)
     for number, cell in enumerate(todo, 1):
         done_before = len(result.skipped) + len(result.ran)
         log(f"[{done_before + 1}/{len(cells)}] {cell.label}: {'evaluating' if statuses[id(cell)] == 'trained' else 'training'}"
@@ -210,7 +210,7 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
             f"{record['train_seconds']:.0f} s; elapsed {clock(elapsed)}, ~{clock(left)} left for "
             f"{len(todo) - number} cell(s)")
         _ensure_speed(spec, cell.variant, cells, log)
-        result.csv_path, result.md_path = write_results(spec, cells)
+        result.csv_path, result.md_path = write_results(spec, cells, overrides)
     log(f"benchmark finished: {len(result.ran)} cell(s) run, {len(result.skipped)} skipped, "
         f"{clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
     return result

@@ -23,6 +23,7 @@ spec) with other map options (fusion rules, blur: MAP_OPTIONS), so map choices a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,14 @@ class BenchmarkSpec:
     speed: dict[str, int] | None               # None: no speed measurement
     source: str = "command line"
     evaluated_runs_of: dict[str, str] = field(default_factory=dict)   # variant -> variant whose runs it evaluates
+    # When flags narrowed the spec file (--variants, --categories, --seeds, --methods): the file's variants,
+    # categories and seeds joined with the flags'. results.csv lists the finished cells of this wider spec, so a
+    # narrowed run, or several side by side, never drops the other cells' rows from the table.
+    reported: BenchmarkSpec | None = None
+
+    def report_scope(self) -> BenchmarkSpec:
+        """The spec whose finished cells results.csv and results.md list."""
+        return self.reported or self
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +190,7 @@ def build_spec(values: dict[str, Any] | None = None, *, source: str = "command l
 
     `methods` replaces the variants by one default variant per method; `variants` keeps a subset, in that order."""
     values = dict(values or {})
+    as_written = dict(values)
     unknown = sorted(set(values) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(SPEC_KEYS)}")
@@ -214,11 +224,24 @@ def build_spec(values: dict[str, Any] | None = None, *, source: str = "command l
             raise ConfigError(f"{source}: unknown variant(s) {', '.join(missing)}; the spec has "
                               f"{', '.join(parsed_variants)}")
         parsed_variants = {v: parsed_variants[v] for v in variants}
-    return BenchmarkSpec(out=Path(str(values["out"])).expanduser(),
+    spec = BenchmarkSpec(out=Path(str(values["out"])).expanduser(),
                          categories=_parse_categories(values["categories"], source),
                          seeds=_parse_seeds(values.get("seeds", [0]), source),
                          variants=parsed_variants, speed=_parse_speed(values.get("speed", True), source),
                          source=source, evaluated_runs_of={v: o for v, o in sources.items() if v in parsed_variants})
+    if (categories or seeds or variants or methods) and "categories" in as_written and "variants" in as_written:
+        spec.reported = _joined(build_spec(as_written, source=source, out=out, speed=speed), spec)
+    return spec
+
+
+def _joined(written: BenchmarkSpec, narrowed: BenchmarkSpec) -> BenchmarkSpec:
+    """The spec file as written, with the variants, categories and seeds the flags added (the flags' win a clash)."""
+    return dataclasses.replace(
+        written, variants={**written.variants, **narrowed.variants},
+        categories={**written.categories, **narrowed.categories},
+        seeds=written.seeds + [s for s in narrowed.seeds if s not in written.seeds],
+        evaluated_runs_of={**{v: o for v, o in written.evaluated_runs_of.items() if v not in narrowed.variants},
+                           **narrowed.evaluated_runs_of}, speed=narrowed.speed)
 
 
 def load_spec(path: str | Path, **flags: Any) -> BenchmarkSpec:

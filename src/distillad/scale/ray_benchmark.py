@@ -127,7 +127,8 @@ def _largest_node(ray: Any) -> _Node:
 
 
 def _run_grid(ray: Any, spec: BenchmarkSpec, cells: list[Cell], todo: list[Cell], statuses: dict[int, str],
-              cell_threads: int, result: BenchmarkResult, log: Callable[[str], None]) -> list[tuple[str, str]]:
+              cell_threads: int, result: BenchmarkResult, log: Callable[[str], None],
+              overrides: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Submit every unfinished cell, then write each one's results as it finishes; return the failed cells."""
     remote_cell = ray.remote(_cell_task)
     task_of: dict[Any, Cell] = {}
@@ -177,7 +178,7 @@ def _run_grid(ray: Any, spec: BenchmarkSpec, cells: list[Cell], todo: list[Cell]
             log(f"[{finished}/{len(cells)}] {cell.label} done: {format_metrics(output['record'])}; trained "
                 f"{output['record']['train_seconds']:.0f} s; elapsed {clock(elapsed)}, ~{clock(left)} left for "
                 f"{len(pending)} cell(s)")
-            result.csv_path, result.md_path = write_results(spec, cells)
+            result.csv_path, result.md_path = write_results(spec, cells, overrides)
     except BaseException:                  # interrupted (Ctrl-C) or a bug here: stop what still runs on the cluster
         for ref in pending:
             try:
@@ -247,10 +248,10 @@ def run_benchmark_on_ray(spec: BenchmarkSpec, *, overrides: dict[str, Any] | Non
         total_cpus = ray.cluster_resources().get("CPU", 0)
         log(f"benchmark on Ray ({'cluster ' + address if address else 'local'}, {total_cpus:g} CPUs): {len(cells)} "
             f"cells in {spec.out}: {len(result.skipped)} already finished, {len(todo)} to run")
-        result.csv_path, result.md_path = write_results(spec, cells)
-        failed = _run_grid(ray, spec, cells, todo, statuses, cell_threads, result, log) if todo else []
+        result.csv_path, result.md_path = write_results(spec, cells, overrides)
+        failed = _run_grid(ray, spec, cells, todo, statuses, cell_threads, result, log, overrides) if todo else []
         failed += _run_speed(ray, spec, cells, node, log)
-    result.csv_path, result.md_path = write_results(spec, cells)
+    result.csv_path, result.md_path = write_results(spec, cells, overrides)
     log(f"benchmark finished: {len(result.ran)} cell(s) run, {len(result.skipped)} skipped, {len(failed)} failed, "
         f"{clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
     if failed:
