@@ -3,7 +3,6 @@ public curves of metrics.py the report draws (their areas are the metrics)."""
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
