@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every (variant, category, seed) cell of a YAML spec (see benchmarks/*.yaml) or of the "
                     "flags, skipping finished cells, and rewrites OUT/results.csv and OUT/results.md after each. "
                     "Flags that narrow a spec (--variants, --categories, --seeds, --methods) narrow what runs, not "
-                    "the results files: they list every finished cell of the spec and of the flags. Relative paths are taken from the current folder. With --engine ray every cell is a Ray task "
+                    "the results files: they list every finished cell of the spec and of the flags. Relative paths "
+                    "are taken from the current folder. With --engine ray every cell is a Ray task "
                     "(a local Ray, or the cluster at --address); the output folder and the data must then be on a "
                     "filesystem every Ray node sees, under the same paths.")
     bench.add_argument("spec", nargs="?", type=Path, default=None, metavar="SPEC.yaml",

@@ -56,10 +56,6 @@ class BenchmarkSpec:
     # narrowed run, or several side by side, never drops the other cells' rows from the table.
     reported: BenchmarkSpec | None = None
 
-    def report_scope(self) -> BenchmarkSpec:
-        """The spec whose finished cells results.csv and results.md list."""
-        return self.reported or self
-
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
