@@ -75,16 +75,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="map resolution for the screening (default 64)")
     parser.add_argument("--feature-pool", type=int, default=1,
                         help="k > 1: compare k x k local averages of the teacher's and students' features")
+    parser.add_argument("--by-type", action="store_true",
+                        help="also the default rule's image AUROC per defect type")
     args = parser.parse_args()
     val, test, labels, sigma = load_or_compute(args)
     n_students, n_levels = test.shape[1], test.shape[2]
 
-    def rule_scores(fuse_maps, *, excess: bool = False, topk: float = 0.0) -> torch.Tensor:
+    def rule_scores(fuse_maps, *, excess: bool = False, topk: float = 0.0, blur_factor: float = 1.0) -> torch.Tensor:
         """Image scores of the test images; with `excess`, over the per-position maximum of the validation maps
-        (leave-one-out is not needed here: only test images are scored)."""
-        t = blur(fuse_maps(test), sigma)
+        (leave-one-out is not needed here: only test images are scored); `blur_factor` scales the map's blur."""
+        t = blur(fuse_maps(test), sigma * blur_factor)
         if excess:
-            t = t - blur(fuse_maps(val), sigma).amax(0)
+            t = t - blur(fuse_maps(val), sigma * blur_factor).amax(0)
         flat = t.flatten(1)
         if topk > 0:
             k = max(1, int(round(topk * flat.shape[1])))
@@ -100,6 +102,8 @@ def main() -> None:
     rules["excess over per-position max (current default)"] = rule_scores(everything, excess=True)
     for k in (0.001, 0.01):
         rules[f"excess, top {k:g} mean"] = rule_scores(everything, excess=True, topk=k)
+    for factor in (0.5, 2.0, 4.0):
+        rules[f"excess, blur sigma x{factor:g}"] = rule_scores(everything, excess=True, blur_factor=factor)
     for s in range(n_students):
         rules[f"student {s}, all levels, excess"] = rule_scores(subset([s], list(range(n_levels))), excess=True)
         for lvl in range(n_levels):
@@ -129,6 +133,15 @@ def main() -> None:
     rules["level votes on excess"] = level_votes(True)
     for name, scores in rules.items():
         print(f"{image_auroc(scores.numpy(), labels) * 100:6.1f}  {name}")
+    if args.by_type:      # the current default rule, each defect type against the good test images
+        run = distillad.load(args.run)
+        split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
+        types = np.array([sample.defect_type for sample in split.test])
+        default = rules["excess over per-position max (current default)"].numpy()
+        for kind in sorted(set(types) - {"good"}):
+            chosen = (types == "good") | (types == kind)
+            print(f"{image_auroc(default[chosen], labels[chosen]) * 100:6.1f}  default rule, {kind} "
+                  f"({int((types == kind).sum())} images) against the good ones")
 
 
 if __name__ == "__main__":

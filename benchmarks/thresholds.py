@@ -37,6 +37,17 @@ def gumbel(p: float) -> Callable[[np.ndarray], float]:
     return rule
 
 
+def gumbel_upper(p: float, confidence: float, resamples: int = 1000) -> Callable[[np.ndarray], float]:
+    """The `confidence` quantile, over bootstrap resamples of the validation scores, of the Gumbel threshold at
+    exceedance `p`: a threshold whose false-alarm rate stays under `p` with that confidence, so it backs off where
+    the validation set is small or its tail uncertain."""
+    def rule(v: np.ndarray) -> float:
+        rng = np.random.default_rng(0)
+        fitted = [stats.gumbel_r.isf(p, *stats.gumbel_r.fit(rng.choice(v, v.size))) for _ in range(resamples)]
+        return float(np.quantile(fitted, confidence))
+    return rule
+
+
 def max_margin(margin: float) -> Callable[[np.ndarray], float]:
     """The largest validation score plus `margin` times the validation range."""
     return lambda v: float(v.max() + margin * (v.max() - v.min()))
@@ -56,6 +67,11 @@ RULES: dict[str, Callable[[np.ndarray], float]] = {
     "gumbel p=0.02": gumbel(0.02),
     "gumbel p=0.03 (default)": gumbel(0.03),
     "mean+1.5std": mean_std(1.5),
+    "gumbel p=0.05, bootstrap 50 %": gumbel_upper(0.05, 0.5),
+    "gumbel p=0.05, bootstrap 75 %": gumbel_upper(0.05, 0.75),
+    "gumbel p=0.05, bootstrap 90 %": gumbel_upper(0.05, 0.9),
+    "gumbel p=0.04, bootstrap 75 %": gumbel_upper(0.04, 0.75),
+    "gumbel p=0.03, bootstrap 75 %": gumbel_upper(0.03, 0.75),
 }
 
 

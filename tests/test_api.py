@@ -94,3 +94,71 @@ def test_api_errors_are_distillad_errors(trained, tmp_path):
         distillad.load(tmp_path / "norun")
     with pytest.raises(distillad.ConfigError, match="epochs must be an integer"):
         distillad.train(tmp_path, out=tmp_path / "r", epochs="two")
+
+
+MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mt" / "magnetic_tile"
+
+
+@pytest.fixture(scope="module")
+def letterboxed(tmp_path_factory):
+    """A tiny DSKD run with `resize=letterbox` on Magnetic Tile's tiles, which come in many aspect ratios."""
+    if not MAGNETIC_TILE.is_dir():
+        pytest.skip(f"needs the shared Magnetic Tile data in {MAGNETIC_TILE}")
+    import torch
+
+    from distillad.data import CategorySplit, load_category
+
+    split = load_category(MAGNETIC_TILE)
+    test = [s for s in split.test if s.label == 0][:2] + [s for s in split.test if s.label == 1][::80]
+    small = CategorySplit(split.name, split.train[:16], split.val[:6], test)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = distillad.train(small, out=tmp_path_factory.mktemp("letterbox") / "run", image_size=64,
+                              resize="letterbox", epochs=2, batch_size=8, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(previous)
+    return small, run
+
+
+def test_a_letterboxed_run_maps_each_image_back_to_its_own_shape(letterboxed, tmp_path):
+    """test, predict and the exported model agree on a letterboxed run's scores, and a map at an image's own
+    resolution is the part of the model's map the image fills, not the mirrored rest."""
+    import torch
+
+    from distillad.data.images import content_box, decode_image, resize_image_array
+    from distillad.scoring import content_to_frame
+
+    small, run = letterboxed
+    assert run.config.resize == "letterbox" and distillad.load(run.run_dir).config.resize == "letterbox"
+    evaluated = run.evaluate(small)
+    assert 0.0 <= evaluated["pixel_auroc"] <= 1.0
+    predictions = run.predict([s.path for s in small.test])
+    shapes = set()
+    for sample, entry, prediction in zip(small.test, evaluated["images"], predictions):
+        image = decode_image(sample.path)
+        height, width = image.shape[:2]
+        shapes.add(round(width / height, 1))
+        assert tuple(entry["box"]) == content_box(height, width, 64, "letterbox")
+        assert prediction.score == pytest.approx(entry["score"], abs=1e-5)
+        assert prediction.anomaly_map.shape == (height, width)
+        with torch.inference_mode():
+            model_map, _ = run.scorer(torch.from_numpy(resize_image_array(image, 64, "letterbox")).permute(2, 0, 1)
+                                      [None].float() / 255)
+        expected = content_to_frame(model_map, entry["box"], (height, width))[0].numpy()
+        assert np.allclose(prediction.anomaly_map, expected, atol=1e-5)
+    assert len(shapes) > 1, "the test images should come in several aspect ratios"
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from distillad.deploy.export import export_run
+    from distillad.deploy.runtimes import DeployedModel
+
+    export_run(run.run_dir, tmp_path / "model.onnx", threads=1, log=lambda *_: None)
+    deployed = DeployedModel(tmp_path / "model.onnx", threads=1)
+    assert deployed.resize == "letterbox"
+    verdicts = deployed.predict([decode_image(s.path) for s in small.test])
+    for verdict, prediction in zip(verdicts, predictions):
+        assert verdict.score == pytest.approx(prediction.score, abs=1e-4)
+        assert verdict.anomaly_map.shape == prediction.anomaly_map.shape
+        assert np.abs(verdict.anomaly_map - prediction.anomaly_map).max() < 1e-3

@@ -439,7 +439,8 @@ def test_image_dataset_items_cache_and_collate(tmp_path: Path) -> None:
     ds = ImageDataset(split.test, 6)
     assert len(ds) == 7
     crack = ds[0]
-    assert set(crack) == {"image", "mask", "label", "index", "has_mask"}
+    assert set(crack) == {"image", "mask", "label", "index", "has_mask", "box"}
+    assert crack["box"].tolist() == [0, 0, 6, 6]           # stretched: the image fills its input
     assert crack["image"].shape == (3, 6, 6) and crack["image"].dtype == torch.float32
     assert crack["mask"].shape == (6, 6) and crack["mask"].dtype == torch.bool and crack["mask"].any()
     assert crack["label"] == 1 and crack["index"] == 0 and crack["has_mask"] is True
@@ -556,3 +557,42 @@ def test_real_datasets_discover_and_load() -> None:
         n_empty = sum(not uneven[i]["mask"].any() for i in range(len(uneven)))
     empty = [str(r.message) for r in rec if "is empty" in str(r.message)]
     assert len(empty) == 4 and n_empty >= 4 and all("uneven" in m for m in empty)
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_mirrors_the_rest() -> None:
+    from distillad.data.images import content_box, resize_image_array
+
+    assert content_box(100, 200, 64, "letterbox") == (16, 0, 32, 64)
+    assert content_box(200, 100, 64, "letterbox") == (0, 16, 64, 32)
+    assert content_box(90, 90, 64, "letterbox") == (0, 0, 64, 64)
+    assert content_box(100, 200, 64) == (0, 0, 64, 64)                   # stretch: the whole input
+    image = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)       # 2 rows x 4 columns: fits 4x4 unscaled
+    boxed = resize_image_array(image, 4, "letterbox")
+    assert boxed.shape == (4, 4, 3)
+    assert np.array_equal(boxed[1:3], image)                             # centred, unchanged
+    assert np.array_equal(boxed[0], image[0]) and np.array_equal(boxed[3], image[1])   # mirrored at the edges
+    square = np.random.default_rng(0).integers(0, 256, (9, 9, 3), dtype=np.uint8)
+    assert np.array_equal(resize_image_array(square, 6, "letterbox"), resize_image_array(square, 6))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        resize_image_array(image, 4, "crop")
+
+
+def test_a_letterboxed_dataset_keeps_masks_in_the_stretched_frame(tmp_path: Path) -> None:
+    """Images are letterboxed for the model; masks, hence metrics, stay in the frame every run is evaluated in."""
+    image = np.zeros((20, 40, 3), dtype=np.uint8)
+    image[:, 20:] = 200                                    # the right half is bright, and is the defect
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    mask = np.zeros((20, 40), dtype=np.uint8)
+    mask[:, 20:] = 255
+    Image.fromarray(mask).save(tmp_path / "wide_mask.png")
+    sample = Sample(tmp_path / "wide.png", 1, "bright", tmp_path / "wide_mask.png")
+    item = ImageDataset([sample], 8, resize="letterbox")[0]
+    assert item["box"].tolist() == [2, 0, 4, 8]           # 20x40 scaled by 0.2 to 4x8, centred in 8x8
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:, 4:] = True
+    assert torch.equal(item["mask"], expected)
+    # the bright half: in the content rows 2-5 and mirrored above and below them (column 4 blends the edge)
+    assert torch.allclose(item["image"][0, :, 5:], torch.full((8, 3), 200 / 255))
+    assert torch.allclose(item["image"][0, :, :3], torch.zeros(8, 3))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ImageDataset([sample], 8, resize="crop")

@@ -53,6 +53,7 @@ def test_default_length_is_a_step_budget_with_an_optional_epoch_floor():
     ({"backbone": "vgg16"}, "unknown backbone"),
     ({"options": {"students": "three"}}, "students"),
     ({"device": "tpu"}, "device"),
+    ({"resize": "crop"}, "resize must be one of stretch, letterbox"),
 ])
 def test_config_errors_name_the_setting(values, match):
     with pytest.raises(ValueError, match=match):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from distillad.benchmark import (SPEED_KEYS, SpeedError, build_scorer, count_gflops, measure_speed, peak_rss_mb,
-                                 speed_report)
+from distillad.benchmark import (SPEED_KEYS, SpeedError, build_scorer, count_gflops, format_report, measure_speed,
+                                 peak_rss_mb, speed_report)
 from distillad.cli import main
 from distillad.data import discover_mvtec, make_synthetic_dataset
 from distillad.engine import resolve_config, train_run
@@ -37,6 +37,21 @@ def test_measure_speed_reports_sane_figures(rd_scorer):
     assert result["peak_rss_mb"] > 50 and result["threads"] == 1 and result["channels_last"] is True
     assert result["torch_version"] == torch.__version__ and result["cpu_model"]
     assert result["gflops"] > 0
+
+
+def test_the_report_says_when_passive_openmp_threads_make_timings_incomparable(rd_scorer, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    figures = {"method": "rd", "backbone": "efficientnet_lite0", "source": "method rd", "notes": []}
+    two = {**figures, **measure_speed(rd_scorer, image_size=64, threads=2, warmup=0, repeats=1, batch_size=2,
+                                      batches=1)}
+    assert two["omp_wait_policy"] == "passive"
+    assert "OMP_WAIT_POLICY=PASSIVE is set" in format_report(two)
+    one = {**two, "threads": 1}                    # one thread has no idle siblings to put to sleep
+    assert "OMP_WAIT_POLICY" not in format_report(one)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    spinning = {**figures, **measure_speed(rd_scorer, image_size=64, threads=2, warmup=0, repeats=1, batch_size=2,
+                                           batches=1)}
+    assert spinning["omp_wait_policy"] is None and "OMP_WAIT_POLICY" not in format_report(spinning)
 
 
 def test_gflops_scale_with_pixels(rd_scorer):

@@ -148,7 +148,8 @@ class Run:
         split = data if isinstance(data, CategorySplit) else load_category(
             Path(data), val_fraction=self.config.val_fraction, seed=self.config.seed)
         result = evaluate_split(self._inference.scorer, split, self.image_size, batch_size=batch_size,
-                                device=self.device, calibration=self.calibration, progress=progress)
+                                device=self.device, calibration=self.calibration, progress=progress,
+                                resize=self.config.resize)
         result.update({"method": self.method, "backbone": self.config.backbone, "run": str(self.run_dir),
                        "options": self.config.options, "runtime": self.runtime})
         return result

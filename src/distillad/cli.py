@@ -49,6 +49,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from distillad import __version__
     from distillad.backbones import BACKBONE_NAMES
+    from distillad.data.images import RESIZE_MODES
     from distillad.methods import METHODS
 
     parser = OneLineParser(
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None,
                        help="training budget in optimizer steps (default: the method's recipe, 360 at batch 16)")
     train.add_argument("--image-size", type=int, default=None)
+    train.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                       help="how images become the square input: stretch (default, the usual protocol) or letterbox "
+                            "(aspect ratio kept, the rest filled by mirroring the image; for images of many shapes)")
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
     train.add_argument("--seed", type=int, default=None)
@@ -296,7 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {
         "backbone": args.backbone, "weights": args.weights, "epochs": args.epochs, "steps": args.steps,
         "image_size": args.image_size, "batch_size": args.batch_size, "seed": args.seed, "device": args.device,
-        "val_fraction": args.val_fraction,
+        "val_fraction": args.val_fraction, "resize": args.resize,
     }
     if args.lr is not None:
         settings["optimizer"] = {"lr": args.lr}

@@ -101,12 +101,16 @@ def evaluate_with_maps(run: Run, data: DataInput, *, batch_size: int = 16, progr
                        ) -> tuple[dict[str, Any], np.ndarray]:
     """`run.evaluate(data)` and, from the same single pass, the test images' maps (N,S,S) for the pixel curves."""
     from distillad.api import Run as _Run
+    from distillad.engine.inference import maps_in_mask_frame
 
     recorder = _MapRecorder(run.scorer)
     result = _Run(dataclasses.replace(run.loaded, scorer=recorder), run.device).evaluate(
         data, batch_size=batch_size, progress=progress)
     size = run.image_size
-    return result, (np.concatenate(recorder.maps) if recorder.maps else np.zeros((0, size, size), np.float32))
+    maps = np.concatenate(recorder.maps) if recorder.maps else np.zeros((0, size, size), np.float32)
+    if "box" in (result["images"] or [{}])[0]:      # letterboxed inputs: the maps in the masks' frame
+        maps = maps_in_mask_frame(maps, np.array([image["box"] for image in result["images"]]))
+    return result, maps
 
 
 def _pixel_curves(run: Run, data: DataInput, result: dict[str, Any], maps: np.ndarray | None, batch_size: int,

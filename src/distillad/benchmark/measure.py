@@ -196,6 +196,8 @@ def measure_speed(scorer: AnomalyScorer, *, image_size: int, threads: int = DEFA
         "cpu_count": os.cpu_count(),
         # 1-minute load average before and after: above the core count, other work inflated the timings
         "load_average_1min": [load_before, _load_average()],
+        # how idle OpenMP threads wait (None: the library's default, which spins); PASSIVE changes torch's timings
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -87,7 +87,8 @@ def compute_cell(cell: Cell, *, progress: bool, log: Callable[[str], None]) -> t
     run = load_run(cell.run_dir, cell.config.device, map_options=cell.map_options)
     training = run.meta.get("training", {})
     evaluation = evaluate_split(run.scorer, data, cell.config.image_size, batch_size=cell.config.batch_size,
-                                device=cell.config.device, calibration=run.calibration, progress=False)
+                                device=cell.config.device, calibration=run.calibration, progress=False,
+                                resize=cell.config.resize)
     evaluation.update({"method": cell.config.method, "backbone": cell.config.backbone, "run": str(cell.run_dir)})
     record = {
         "variant": cell.variant, "category": cell.category, "seed": cell.seed, "data": str(cell.data_dir),

@@ -171,6 +171,13 @@ def speed_report(*, run: str | Path | None = None, method: str | None = None, ba
     return result
 
 
+def passive_threads_slow_down(result: dict[str, Any]) -> bool:
+    """Whether the figures are torch CPU timings with several threads under OMP_WAIT_POLICY=PASSIVE, which are
+    not comparable with timings taken under the default (spinning) policy."""
+    return (str(result.get("omp_wait_policy") or "").upper() == "PASSIVE" and result.get("threads", 1) > 1
+            and result.get("runtime", "torch") == "torch" and str(result.get("device", "cpu")) == "cpu")
+
+
 def format_report(result: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     bs = result.get("throughput_batch_size", 16)
@@ -191,6 +198,10 @@ def format_report(result: dict[str, Any]) -> str:
         f"  GFLOPs per image       {result['gflops']:.3f} (torch FlopCounterMode, 2 FLOPs per multiply-add)",
     ]
     lines += [f"  note: {note}" for note in result.get("notes", [])]
+    if passive_threads_slow_down(result):
+        lines.append("  note: OMP_WAIT_POLICY=PASSIVE is set: torch's threads sleep between parallel regions. That "
+                     "protects a busy machine, but on an idle one it raised DSKD's 2-thread latency 1.1-1.9x "
+                     "(benchmarks/RESULTS.md section 2); unset it to compare with figures measured without it")
     before = (result.get("load_average_1min") or [None])[0]
     cores = result.get("cpu_count") or 0
     if before is not None and cores and before > cores:

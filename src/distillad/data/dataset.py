@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .discovery import Sample
-from .images import DataError, array_to_tensor, read_image_array, read_mask_array, read_size
+from .images import (DataError, array_to_tensor, check_resize_mode, content_box, decode_image, read_mask_array,
+                     read_size, resize_image_array)
 
 __all__ = ["ImageDataset", "preload"]
 
@@ -25,10 +26,11 @@ __all__ = ["ImageDataset", "preload"]
 class _Entry:
     image: np.ndarray  # (H, W, 3) uint8, or float32 in [0, 1] for >8-bit sources
     mask: np.ndarray | None  # (H, W) bool, None when there is no mask file
+    box: tuple[int, int, int, int]  # (top, left, h, w): where the image lies in the model input (content_box)
 
 
 class ImageDataset(Dataset):
-    """Samples -> dicts of tensors: image (3,S,S) float32 in [0,1], mask (S,S) bool, label, index, has_mask.
+    """Samples -> dicts of tensors: image (3,S,S) float32 in [0,1], mask (S,S) bool, label, index, has_mask, box.
 
     ``has_mask`` says whether ``mask`` is ground truth: True for normal images (known all-False) and for defective
     images with a mask file, False for defective images whose mask is unknown (leave those out of pixel metrics).
@@ -37,12 +39,18 @@ class ImageDataset(Dataset):
     With ``cache`` the resized image (uint8; float32 for 16-bit sources, so a cached image scores exactly as a decoded one) and mask are kept in memory after their
     first load. Under a multi-process DataLoader each worker fills its own copy: call ``preload`` first to share
     one cache. ``check_masks`` compares every mask's size with its image's (headers only) at construction.
+
+    ``resize`` is how images become the model input (images.RESIZE_MODES). Masks are always stretched to the
+    input size, the frame every metric is computed in; ``box`` (top, left, h, w) says where the image lies in its
+    input, so a letterboxed input's map can be brought to that frame (``to_mask_frame``).
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int | tuple[int, int], *, cache: bool = True,
-                 check_masks: bool = True) -> None:
+                 check_masks: bool = True, resize: str = "stretch") -> None:
+        check_resize_mode(resize)
         self.samples: list[Sample] = list(samples)
         self.image_size = image_size
+        self.resize = resize
         self.cache = cache
         self.check_masks = check_masks
         self._cache: list[_Entry | None] = [None] * len(self.samples)
@@ -65,7 +73,9 @@ class ImageDataset(Dataset):
 
     def _load(self, i: int) -> _Entry:
         s = self.samples[i]
-        arr = read_image_array(s.path, self.image_size)
+        decoded = decode_image(s.path)
+        box = content_box(decoded.shape[0], decoded.shape[1], self.image_size, self.resize)
+        arr = resize_image_array(decoded, self.image_size, self.resize)
         mask = None
         if s.mask_path is not None:
             mask, mask_hw, nonempty = read_mask_array(s.mask_path, self.image_size)
@@ -86,7 +96,7 @@ class ImageDataset(Dataset):
                         "the image is kept as anomalous with no defect pixels",
                         stacklevel=3,
                     )
-        return _Entry(arr, mask)
+        return _Entry(arr, mask, box)
 
     def entry(self, i: int) -> _Entry:
         """Cached (or freshly loaded) raw arrays of sample i."""
@@ -110,7 +120,8 @@ class ImageDataset(Dataset):
         else:
             mask = torch.zeros(image.shape[1:], dtype=torch.bool)
         has_mask = s.label == 0 or e.mask is not None
-        return {"image": image, "mask": mask, "label": int(s.label), "index": i, "has_mask": bool(has_mask)}
+        return {"image": image, "mask": mask, "label": int(s.label), "index": i, "has_mask": bool(has_mask),
+                "box": torch.tensor(e.box)}
 
 
 class _EntryView(Dataset):

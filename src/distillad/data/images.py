@@ -234,8 +234,44 @@ def decode_image(source: PathLike | Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
-def resize_image_array(arr: np.ndarray, size: SizeLike) -> np.ndarray:
-    """A decoded (H, W, 1 or 3) array -> (h, w, 3) at `size` (None keeps it): the one resize every path uses."""
+# How an image becomes the model's input of `size`: "stretch" resizes it to that shape whatever its own (the field's
+# protocol, and the same thing for square images); "letterbox" keeps its aspect ratio, scaling it to fit and filling
+# the rest by mirroring the image at its edges, so that a texture photographed at many aspect ratios is not
+# stretched by a different amount in every image. Stretch stays the default: letterboxing lowered Magnetic Tile's
+# image AUROC at 256 px (benchmarks/RESULTS.md section 4, "Letterboxed inputs").
+RESIZE_MODES = ("stretch", "letterbox")
+
+
+def check_resize_mode(mode: str) -> None:
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+
+
+def content_box(height: int, width: int, size: SizeLike, mode: str = "stretch") -> tuple[int, int, int, int]:
+    """(top, left, h, w): where an image of `height` x `width` lies inside its model input of `size`. The whole
+    input when stretched; the centred, aspect-preserving fit when letterboxed."""
+    check_resize_mode(mode)
+    target = _target_hw(size)
+    if target is None:
+        return 0, 0, height, width
+    if mode == "stretch":
+        return 0, 0, target[0], target[1]
+    scale = min(target[0] / height, target[1] / width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (target[0] - h) // 2, (target[1] - w) // 2, h, w
+
+
+def resize_image_array(arr: np.ndarray, size: SizeLike, mode: str = "stretch") -> np.ndarray:
+    """A decoded (H, W, 1 or 3) array -> (h, w, 3) at `size` (None keeps it): the one resize every path uses.
+    `mode` is one of RESIZE_MODES."""
+    check_resize_mode(mode)
+    if mode == "letterbox" and size is not None:
+        target = _target_hw(size)
+        assert target is not None
+        top, left, h, w = content_box(arr.shape[0], arr.shape[1], target, mode)
+        inner = resize_image_array(arr, (h, w))
+        pads = ((top, target[0] - h - top), (left, target[1] - w - left), (0, 0))
+        return np.ascontiguousarray(np.pad(inner, pads, mode="symmetric"))
     hw = _target_hw(size)
     arr = _resize_u8(arr, hw) if arr.dtype == np.uint8 else _resize_f32(arr, hw)
     if arr.ndim == 2:
@@ -245,14 +281,14 @@ def resize_image_array(arr: np.ndarray, size: SizeLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_image_array(path: PathLike, size: SizeLike) -> np.ndarray:
+def read_image_array(path: PathLike, size: SizeLike, mode: str = "stretch") -> np.ndarray:
     """(H, W, 3) array: uint8 for 8-bit sources, float32 in [0, 1] otherwise.
 
     Kept separate from load_image so that a cache can store 8-bit images as uint8 without losing the extra
     precision of 16-bit ones.
     """
     _target_hw(size)   # reject a bad size before decoding
-    return resize_image_array(decode_image(path), size)
+    return resize_image_array(decode_image(path), size, mode)
 
 
 def array_to_tensor(arr: np.ndarray) -> torch.Tensor:

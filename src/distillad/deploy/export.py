@@ -72,7 +72,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, fmt: str =
     calibration, precision, model_bytes = loaded.calibration, "fp32", fp32
     with tempfile.TemporaryDirectory(prefix="distillad_export_") as tmp:
         if int8:
-            inputs = calibration_arrays(Path(calibration_data), loaded.config.image_size)
+            inputs = calibration_arrays(Path(calibration_data), loaded.config.image_size, loaded.config.resize)
             if not inputs:
                 raise DataError(f"--calibration-data {calibration_data} holds no images")
             model_bytes = quantize_int8(fp32, inputs, Path(tmp))

@@ -92,7 +92,8 @@ def probe_images(loaded: LoadedRun, count: int = 4) -> tuple[np.ndarray, str]:
     files = [p for p in files if p.is_file()][:count]
     size = loaded.config.image_size
     if files:
-        return np.stack([image_to_input(decode_image(p), size) for p in files]), f"{len(files)} validation images"
+        return (np.stack([image_to_input(decode_image(p), size, loaded.config.resize) for p in files]),
+                f"{len(files)} validation images")
     rng = np.random.default_rng(0)
     return rng.random((count, 3, size, size), dtype=np.float32), f"{count} random images"
 
@@ -133,8 +134,12 @@ def build_contract(loaded: LoadedRun, calibration: Calibration | None, *, precis
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                   "channels": "RGB", "value_range": [0.0, 1.0],
                   "preprocessing": "decode (alpha composited on black, grey repeated to 3 channels), resize to "
-                                   f"{size}x{size} with Pillow bilinear (antialiased when shrinking), divide by 255; "
-                                   "the model normalises with the teacher's mean and std itself"},
+                                   f"{size}x{size} with Pillow bilinear (antialiased when shrinking)"
+                                   + (", keeping the aspect ratio: the longer side becomes "
+                                      f"{size}, the image is centred and the rest filled by mirroring it at its "
+                                      "edges (numpy 'symmetric' padding)" if config.resize == "letterbox" else "")
+                                   + ", divide by 255; the model normalises with the teacher's mean and std itself"},
+        "resize": config.resize,
         "outputs": {OUTPUT_NAMES[0]: ["batch", size, size], OUTPUT_NAMES[1]: ["batch"],
                     **({DECISION_OUTPUT: ["batch", size, size]} if DECISION_OUTPUT in outputs else {})},
         "image_size": size,

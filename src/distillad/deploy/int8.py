@@ -18,7 +18,7 @@ from distillad.scoring import Calibration
 MAX_CALIBRATION_IMAGES = 64
 
 
-def calibration_arrays(folder: Path, image_size: int) -> list[np.ndarray]:
+def calibration_arrays(folder: Path, image_size: int, resize: str = "stretch") -> list[np.ndarray]:
     """Up to MAX_CALIBRATION_IMAGES defect-free images, evenly spaced, as model inputs. A category folder in the
     MVTec layout gives its train/good images; a plain folder all its images."""
     from distillad.data import list_images
@@ -31,7 +31,7 @@ def calibration_arrays(folder: Path, image_size: int) -> list[np.ndarray]:
     if len(paths) > MAX_CALIBRATION_IMAGES:
         step = len(paths) / MAX_CALIBRATION_IMAGES
         paths = [paths[int(i * step)] for i in range(MAX_CALIBRATION_IMAGES)]
-    return [image_to_input(decode_image(p), image_size) for p in paths]
+    return [image_to_input(decode_image(p), image_size, resize) for p in paths]
 
 
 def quantize_int8(fp32: bytes, inputs: list[np.ndarray], workdir: Path) -> bytes:
@@ -117,7 +117,8 @@ def recalibrate_int8(loaded: LoadedRun, model_bytes: bytes, session: Any, calibr
 
     files = [Path(p) for p in (loaded.meta.get("data") or {}).get("val_files") or []]
     if files and all(p.is_file() for p in files):
-        inputs = np.stack([image_to_input(decode_image(p), loaded.config.image_size) for p in files])
+        inputs = np.stack([image_to_input(decode_image(p), loaded.config.image_size, loaded.config.resize)
+                           for p in files])
         source = f"the run's {len(files)} validation images"
     else:
         inputs = np.stack(calibration_inputs)
@@ -138,7 +139,8 @@ def evaluate_category(scorer: Any, folder: Path, loaded: LoadedRun, calibration:
     if not (folder / "test").is_dir():
         return None
     split = load_category(folder, val_fraction=loaded.config.val_fraction, seed=loaded.config.seed)
-    result = evaluate_split(scorer, split, loaded.config.image_size, calibration=calibration)
+    result = evaluate_split(scorer, split, loaded.config.image_size, calibration=calibration,
+                            resize=loaded.config.resize)
     return {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro_30", "image_f1max") if k in result} | {
         "threshold": result.get("threshold"), "n_images": result["n_images"]}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distillad.data.images import resize_image_array
+from distillad.data.images import content_box, resize_image_array
 from distillad.errors import ConfigError, RunError
 from distillad.heatmaps import resize_map
 from distillad.scoring.calibration import Calibration
@@ -55,10 +55,10 @@ def sidecar_path(model_path: str | Path) -> Path:
     return Path(f"{model_path}.json")
 
 
-def image_to_input(array: np.ndarray, image_size: int) -> np.ndarray:
+def image_to_input(array: np.ndarray, image_size: int, resize: str = "stretch") -> np.ndarray:
     """A decoded (H,W,1|3) image -> (3,S,S) float32 in [0,1]: the resize `predict` uses, and the same float values
     as `array_to_tensor` (uint8 / 255 in float32 rounds identically in numpy and torch)."""
-    resized = resize_image_array(array, image_size)
+    resized = resize_image_array(array, image_size, resize)
     if resized.dtype == np.uint8:
         chw = resized.astype(np.float32) / np.float32(255.0)
     else:
@@ -186,6 +186,7 @@ class DeployedModel:
         self.runtime = self.session.name
         self.contract = read_contract(self.path, self.session)
         self.image_size = int(self.contract["image_size"])
+        self.resize = str(self.contract.get("resize", "stretch"))    # contracts written before resize: stretched
         calibration = self.contract.get("calibration")
         self.calibration = Calibration.from_dict(calibration) if calibration else None
 
@@ -199,25 +200,30 @@ class DeployedModel:
         maps = outputs[OUTPUT_NAMES[0]]
         return maps, outputs[OUTPUT_NAMES[1]], outputs.get(DECISION_OUTPUT, maps)
 
+    def full_resolution(self, model_map: np.ndarray, height: int, width: int) -> np.ndarray:
+        """A (S,S) output map -> the image's part of it (all of it unless letterboxed) at the image's (H,W)."""
+        top, left, h, w = content_box(height, width, model_map.shape, self.resize)
+        return resize_map(model_map[top:top + h, left:left + w], height, width)
+
     def predict(self, arrays: list[np.ndarray], *, maps: bool = True) -> list[Verdict]:
         """Decoded images (any size) -> one Verdict each; with `maps`, the map and mask at the image's size."""
         if not arrays:
             return []
-        batch = np.stack([image_to_input(a, self.image_size) for a in arrays])
+        batch = np.stack([image_to_input(a, self.image_size, self.resize) for a in arrays])
         anomaly_maps, scores, decision_maps = self.score(batch)
         own_units = decision_maps is anomaly_maps          # the threshold applies to the map itself
         verdicts = []
         for array, anomaly_map, decision_map, score in zip(arrays, anomaly_maps, decision_maps, scores):
             score = float(score)
             height, width = array.shape[:2]
-            full = resize_map(anomaly_map, height, width) if maps else None
+            full = self.full_resolution(anomaly_map, height, width) if maps else None
             if self.calibration is None:
                 verdicts.append(Verdict(score, None, "uncalibrated", full, None))
                 continue
             label = "defective" if self.calibration.is_defective(score) else "normal"
             mask = None
             if maps:
-                decision = full if own_units else resize_map(decision_map, height, width)
+                decision = full if own_units else self.full_resolution(decision_map, height, width)
                 mask = decision > self.calibration.threshold
             verdicts.append(Verdict(score, self.calibration.normalize(score), label, full, mask))
         return verdicts

@@ -127,7 +127,7 @@ def _recalibrate(run_dir: Path, meta: dict[str, Any], config: TrainConfig, score
             raise RunError("map_norm and position_norm need the run's defect-free validation images, listed in "
                            f"{run_dir / META_FILE}; they are missing")
         return None
-    dataset = ImageDataset([Sample(p, 0, "good", None) for p in val_files], config.image_size)
+    dataset = ImageDataset([Sample(p, 0, "good", None) for p in val_files], config.image_size, resize=config.resize)
     calibration, _, _ = fit_normal_statistics(scorer, dataset, threshold=config.threshold(),
                                               batch_size=config.batch_size, device=device)
     return calibration

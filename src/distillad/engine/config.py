@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from distillad.backbones import BACKBONE_NAMES
+from distillad.data.images import RESIZE_MODES
 from distillad.errors import ConfigError
 from distillad.methods import method_class
 from distillad.scoring.calibration import ThresholdRule, check_threshold_settings
@@ -34,6 +35,9 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None                  # local teacher checkpoint (ResNet family); None: default source
     image_size: int = 256
+    # how images become the square input: stretch (the field's protocol) | letterbox (aspect kept, the rest filled
+    # by mirroring the image); masks and metrics stay in the stretched frame either way (data/images.py)
+    resize: str = "stretch"
     epochs: int | None = None                   # None: as many as give about `steps` optimizer steps
     steps: int = 360                            # training length when epochs is None (fits any dataset size)
     min_epochs: int = 1                         # when epochs is None: at least this many passes over a large set
@@ -83,6 +87,8 @@ class TrainConfig:
         if self.image_size % code_stride:
             raise ConfigError(f"image_size must be a multiple of {code_stride} (the embedding works at stride "
                               f"{code_stride} with levels {list(options.levels)}), got {self.image_size}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {self.resize!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.optimizer.name not in ("adam", "sgd"):

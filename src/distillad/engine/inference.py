@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from distillad.data import CategorySplit, DataError, ImageDataset
 from distillad import metrics
 from distillad.metrics import METRIC_KEYS
-from distillad.scoring import AnomalyScorer, Calibration
+from distillad.scoring import AnomalyScorer, Calibration, content_to_frame
 
 
 def score_dataset(scorer: AnomalyScorer, dataset: ImageDataset, *, batch_size: int = 16,
@@ -46,12 +46,14 @@ class _TargetCollector:
         self.labels: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
         self.has_mask: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
 
     def __call__(self, batch: dict[str, Any]) -> None:
         labels = batch["label"].numpy()
         self.labels.append(labels)
         self.masks.append(batch["mask"].numpy())
         self.has_mask.append(batch["has_mask"].numpy() | (labels == 0))
+        self.boxes.append(batch["box"].numpy())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.concatenate(self.labels), np.concatenate(self.masks), np.concatenate(self.has_mask)
@@ -72,13 +74,22 @@ def threshold_report(scores: np.ndarray, labels: np.ndarray, calibration: Calibr
     }
 
 
+def maps_in_mask_frame(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N,S,S) maps of letterboxed inputs -> the part each image fills (`boxes`: top, left, h, w), resized to S x S:
+    the stretched frame the masks, hence the metrics, are in."""
+    size = tuple(maps.shape[1:])
+    return np.stack([content_to_frame(torch.from_numpy(m[None]), box, size)[0].numpy() for m, box in zip(maps, boxes)])
+
+
 def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, *, batch_size: int = 16,
                    device: torch.device | str = "cpu", calibration: Calibration | None = None,
-                   progress: bool = False) -> dict[str, Any]:
-    """The evaluation protocol on data.test: five metrics, counts, timing and threshold behaviour."""
+                   progress: bool = False, resize: str = "stretch") -> dict[str, Any]:
+    """The evaluation protocol on data.test: five metrics, counts, timing and threshold behaviour. `resize` is
+    the run's (TrainConfig.resize): letterboxed inputs' maps are brought to the masks' stretched frame first, and
+    each image's entry says where it lies in its input (`box`)."""
     if not data.test:
         raise DataError(f"{data.name} has no test images to evaluate")
-    dataset = ImageDataset(data.test, image_size)
+    dataset = ImageDataset(data.test, image_size, resize=resize)
     start = time.perf_counter()
     targets = _TargetCollector()
     maps, scores = score_dataset(scorer, dataset, batch_size=batch_size, device=device, progress=progress,
@@ -86,6 +97,9 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
     inference_seconds = time.perf_counter() - start
     labels, masks, has_mask = targets.arrays()
     assert maps is not None
+    boxes = np.concatenate(targets.boxes)
+    if resize != "stretch":
+        maps = maps_in_mask_frame(maps, boxes)
     result: dict[str, Any] = {
         "category": data.name,
         "n_images": int(len(labels)),
@@ -100,6 +114,9 @@ def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, 
     result["threshold"] = threshold_report(scores, labels, calibration)
     result["images"] = [{"path": str(sample.path), "defect_type": sample.defect_type, "label": int(label),
                          "score": float(score)} for sample, label, score in zip(data.test, labels, scores)]
+    if resize != "stretch":
+        for image, box in zip(result["images"], boxes):
+            image["box"] = [int(v) for v in box]
     return result
 
 

@@ -363,8 +363,8 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
             raise ConfigError(f"{len(data.train)} training image(s) cannot be shared by {dist.world_size} processes")
         if dist.enabled:
             ddp.per_rank_batch(min(config.batch_size, len(data.train)), dist.world_size)
-        train_set = ImageDataset(data.train, config.image_size)
-        val_set = ImageDataset(data.val, config.image_size)
+        train_set = ImageDataset(data.train, config.image_size, resize=config.resize)
+        val_set = ImageDataset(data.val, config.image_size, resize=config.resize)
         decode_all(train_set, "training")
         decode_all(val_set, "validation")
         return device, train_set, val_set
