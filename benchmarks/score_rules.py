@@ -75,8 +75,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="map resolution for the screening (default 64)")
     parser.add_argument("--feature-pool", type=int, default=1,
                         help="k > 1: compare k x k local averages of the teacher's and students' features")
-    parser.add_argument("--by-type", action="store_true",
-                        help="also the default rule's image AUROC per defect type")
     args = parser.parse_args()
     val, test, labels, sigma = load_or_compute(args)
     n_students, n_levels = test.shape[1], test.shape[2]
@@ -133,15 +131,6 @@ def main() -> None:
     rules["level votes on excess"] = level_votes(True)
     for name, scores in rules.items():
         print(f"{image_auroc(scores.numpy(), labels) * 100:6.1f}  {name}")
-    if args.by_type:      # the current default rule, each defect type against the good test images
-        run = distillad.load(args.run)
-        split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
-        types = np.array([sample.defect_type for sample in split.test])
-        default = rules["excess over per-position max (current default)"].numpy()
-        for kind in sorted(set(types) - {"good"}):
-            chosen = (types == "good") | (types == kind)
-            print(f"{image_auroc(default[chosen], labels[chosen]) * 100:6.1f}  default rule, {kind} "
-                  f"({int((types == kind).sum())} images) against the good ones")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_a_letterboxed_run_maps_each_image_back_to_its_own_shape(letterboxed, tm
     import torch
 
     from distillad.data.images import content_box, decode_image, resize_image_array
-    from distillad.scoring import content_to_frame
+    from distillad.heatmaps import content_map
 
     small, run = letterboxed
     assert run.config.resize == "letterbox" and distillad.load(run.run_dir).config.resize == "letterbox"
@@ -145,7 +145,7 @@ def test_a_letterboxed_run_maps_each_image_back_to_its_own_shape(letterboxed, tm
         with torch.inference_mode():
             model_map, _ = run.scorer(torch.from_numpy(resize_image_array(image, 64, "letterbox")).permute(2, 0, 1)
                                       [None].float() / 255)
-        expected = content_to_frame(model_map, entry["box"], (height, width))[0].numpy()
+        expected = content_map(model_map[0].numpy(), entry["box"], height, width)
         assert np.allclose(prediction.anomaly_map, expected, atol=1e-5)
     assert len(shapes) > 1, "the test images should come in several aspect ratios"
 

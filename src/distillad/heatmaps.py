@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from distillad.data.images import content_box
+
 # Anchors of a perceptually ordered blue -> cyan -> yellow -> red colour map for heatmaps.
 _COLORMAP_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 1.0], [0.5, 1.0, 0.5],
                               [1.0, 0.9, 0.0], [1.0, 0.3, 0.0], [0.5, 0.0, 0.0]])
@@ -80,4 +82,18 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return (rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]).astype(np.float32)
 
 
-__all__ = ["colorize", "overlay", "png_bytes", "resize_map", "to_rgb_u8"]
+def content_map(model_map: np.ndarray, box: tuple[int, int, int, int] | np.ndarray, height: int,
+                width: int) -> np.ndarray:
+    """The part of a (S,S) model map its image fills (`box`: top, left, h, w; data.images.content_box), resized to
+    (height, width): the image's own resolution, or the stretched square the masks and metrics use. For a stretched
+    input the box is the whole map and this is `resize_map`."""
+    top, left, h, w = (int(v) for v in box)
+    return resize_map(np.asarray(model_map)[top:top + h, left:left + w], height, width)
+
+
+def map_at_image_size(model_map: np.ndarray, height: int, width: int, resize: str = "stretch") -> np.ndarray:
+    """A (S,S) model map of an image of `height` x `width` brought back to that image (predict, the service)."""
+    return content_map(model_map, content_box(height, width, model_map.shape, resize), height, width)
+
+
+__all__ = ["colorize", "content_map", "map_at_image_size", "overlay", "png_bytes", "resize_map", "to_rgb_u8"]

@@ -42,7 +42,7 @@ class ImageDataset(Dataset):
 
     ``resize`` is how images become the model input (images.RESIZE_MODES). Masks are always stretched to the
     input size, the frame every metric is computed in; ``box`` (top, left, h, w) says where the image lies in its
-    input, so a letterboxed input's map can be brought to that frame (``to_mask_frame``).
+    input, so a letterboxed input's map can be brought to that frame (``engine.inference.maps_in_mask_frame``).
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int | tuple[int, int], *, cache: bool = True,

@@ -50,7 +50,7 @@ SizeLike = Union[int, "tuple[int, int]", None]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-from distillad.errors import DataError  # noqa: E402  (re-exported: distillad.data.DataError)
+from distillad.errors import ConfigError, DataError  # noqa: E402  (DataError re-exported: distillad.data.DataError)
 
 
 def is_image_file(path: Path) -> bool:
@@ -243,8 +243,9 @@ RESIZE_MODES = ("stretch", "letterbox")
 
 
 def check_resize_mode(mode: str) -> None:
+    """The one check of the `resize` setting, for the run config and for every reader."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+        raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
 
 
 def content_box(height: int, width: int, size: SizeLike, mode: str = "stretch") -> tuple[int, int, int, int]:
@@ -281,14 +282,14 @@ def resize_image_array(arr: np.ndarray, size: SizeLike, mode: str = "stretch") -
     return np.ascontiguousarray(arr)
 
 
-def read_image_array(path: PathLike, size: SizeLike, mode: str = "stretch") -> np.ndarray:
+def read_image_array(path: PathLike, size: SizeLike) -> np.ndarray:
     """(H, W, 3) array: uint8 for 8-bit sources, float32 in [0, 1] otherwise.
 
     Kept separate from load_image so that a cache can store 8-bit images as uint8 without losing the extra
     precision of 16-bit ones.
     """
     _target_hw(size)   # reject a bad size before decoding
-    return resize_image_array(decode_image(path), size, mode)
+    return resize_image_array(decode_image(path), size)
 
 
 def array_to_tensor(arr: np.ndarray) -> torch.Tensor:

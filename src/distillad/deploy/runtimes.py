@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from distillad.data.images import content_box, resize_image_array
+from distillad.data.images import resize_image_array
 from distillad.errors import ConfigError, RunError
-from distillad.heatmaps import resize_map
+from distillad.heatmaps import map_at_image_size
 from distillad.scoring.calibration import Calibration
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -200,11 +200,6 @@ class DeployedModel:
         maps = outputs[OUTPUT_NAMES[0]]
         return maps, outputs[OUTPUT_NAMES[1]], outputs.get(DECISION_OUTPUT, maps)
 
-    def full_resolution(self, model_map: np.ndarray, height: int, width: int) -> np.ndarray:
-        """A (S,S) output map -> the image's part of it (all of it unless letterboxed) at the image's (H,W)."""
-        top, left, h, w = content_box(height, width, model_map.shape, self.resize)
-        return resize_map(model_map[top:top + h, left:left + w], height, width)
-
     def predict(self, arrays: list[np.ndarray], *, maps: bool = True) -> list[Verdict]:
         """Decoded images (any size) -> one Verdict each; with `maps`, the map and mask at the image's size."""
         if not arrays:
@@ -216,14 +211,14 @@ class DeployedModel:
         for array, anomaly_map, decision_map, score in zip(arrays, anomaly_maps, decision_maps, scores):
             score = float(score)
             height, width = array.shape[:2]
-            full = self.full_resolution(anomaly_map, height, width) if maps else None
+            full = map_at_image_size(anomaly_map, height, width, self.resize) if maps else None
             if self.calibration is None:
                 verdicts.append(Verdict(score, None, "uncalibrated", full, None))
                 continue
             label = "defective" if self.calibration.is_defective(score) else "normal"
             mask = None
             if maps:
-                decision = full if own_units else self.full_resolution(decision_map, height, width)
+                decision = full if own_units else map_at_image_size(decision_map, height, width, self.resize)
                 mask = decision > self.calibration.threshold
             verdicts.append(Verdict(score, self.calibration.normalize(score), label, full, mask))
         return verdicts

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from distillad.backbones import BACKBONE_NAMES
-from distillad.data.images import RESIZE_MODES
+from distillad.data.images import check_resize_mode
 from distillad.errors import ConfigError
 from distillad.methods import method_class
 from distillad.scoring.calibration import ThresholdRule, check_threshold_settings
@@ -87,8 +87,7 @@ class TrainConfig:
         if self.image_size % code_stride:
             raise ConfigError(f"image_size must be a multiple of {code_stride} (the embedding works at stride "
                               f"{code_stride} with levels {list(options.levels)}), got {self.image_size}")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {self.resize!r}")
+        check_resize_mode(self.resize)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.optimizer.name not in ("adam", "sgd"):

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from distillad.data import CategorySplit, DataError, ImageDataset
 from distillad import metrics
 from distillad.metrics import METRIC_KEYS
-from distillad.scoring import AnomalyScorer, Calibration, content_to_frame
+from distillad.heatmaps import content_map
+from distillad.scoring import AnomalyScorer, Calibration
 
 
 def score_dataset(scorer: AnomalyScorer, dataset: ImageDataset, *, batch_size: int = 16,
@@ -77,8 +78,7 @@ def threshold_report(scores: np.ndarray, labels: np.ndarray, calibration: Calibr
 def maps_in_mask_frame(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(N,S,S) maps of letterboxed inputs -> the part each image fills (`boxes`: top, left, h, w), resized to S x S:
     the stretched frame the masks, hence the metrics, are in."""
-    size = tuple(maps.shape[1:])
-    return np.stack([content_to_frame(torch.from_numpy(m[None]), box, size)[0].numpy() for m, box in zip(maps, boxes)])
+    return np.stack([content_map(m, box, m.shape[0], m.shape[1]) for m, box in zip(maps, boxes)])
 
 
 def evaluate_split(scorer: AnomalyScorer, data: CategorySplit, image_size: int, *, batch_size: int = 16,

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillad.data.images import array_to_tensor, content_box, decode_image, resize_image_array
+from distillad.data.images import array_to_tensor, decode_image, resize_image_array
 from distillad.data.listing import resolve_inputs
 from distillad.engine.checkpoint import LoadedRun
 from distillad.errors import ConfigError, DataError, RunError
-from distillad.heatmaps import overlay, png_bytes, resize_map, to_rgb_u8
-from distillad.scoring.maps import content_to_frame
+from distillad.heatmaps import map_at_image_size, overlay, png_bytes, resize_map, to_rgb_u8
 from distillad.io import atomic_write_bytes, atomic_write_text, fsync_dir
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -67,13 +66,6 @@ def score_arrays(run: LoadedRun, arrays: list[np.ndarray], device: str | torch.d
     return maps.float().cpu(), scores.float().cpu()
 
 
-def full_resolution(anomaly_map: torch.Tensor, height: int, width: int, resize: str = "stretch") -> np.ndarray:
-    """A (S,S) model-resolution map -> the image's part of it (all of it unless letterboxed), bilinearly resized to
-    the image's own (H,W)."""
-    box = content_box(height, width, tuple(anomaly_map.shape[-2:]), resize)
-    return content_to_frame(anomaly_map[None], box, (height, width))[0].numpy()
-
-
 def predict_batch(run: LoadedRun, arrays: list[np.ndarray], paths: list[Path | None],
                   device: str | torch.device = "cpu") -> list[Prediction]:
     """Score decoded images; each Prediction carries its map and mask at the image's own resolution."""
@@ -85,10 +77,11 @@ def predict_batch(run: LoadedRun, arrays: list[np.ndarray], paths: list[Path | N
     for array, path, anomaly_map, decision_map, score_t in zip(arrays, paths, maps, decision_maps, scores):
         score = float(score_t)
         height, width = array.shape[0], array.shape[1]
-        full_map = full_resolution(anomaly_map, height, width, run.config.resize)
+        full_map = map_at_image_size(anomaly_map.numpy(), height, width, run.config.resize)
         if calibration:
             label = "defective" if calibration.is_defective(score) else "normal"
-            full_decision = full_map if own_units else full_resolution(decision_map, height, width, run.config.resize)
+            full_decision = full_map if own_units else map_at_image_size(decision_map.numpy(), height, width,
+                                                                         run.config.resize)
             out.append(Prediction(path, score, calibration.normalize(score), label, full_map,
                                   full_decision > calibration.threshold))
         else:

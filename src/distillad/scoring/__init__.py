@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from distillad.scoring.calibration import Calibration, calibrate
 
-_MAPS = ("AnomalyScorer", "GaussianBlur", "content_to_frame", "fuse", "gaussian_kernel1d", "fit_map_statistics",
-         "level_maps", "make_scorer")
+_MAPS = ("AnomalyScorer", "GaussianBlur", "fuse", "gaussian_kernel1d", "fit_map_statistics", "level_maps",
+         "make_scorer")
 
 if TYPE_CHECKING:
-    from distillad.scoring.maps import (AnomalyScorer, GaussianBlur, content_to_frame, fit_map_statistics, fuse,
-                                        gaussian_kernel1d, level_maps, make_scorer)
+    from distillad.scoring.maps import (AnomalyScorer, GaussianBlur, fit_map_statistics, fuse, gaussian_kernel1d,
+                                        level_maps, make_scorer)
 
 
 def __getattr__(name: str) -> Any:
@@ -26,5 +26,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AnomalyScorer", "Calibration", "GaussianBlur", "calibrate", "content_to_frame", "fuse", "gaussian_kernel1d",
-           "level_maps", "make_scorer", "fit_map_statistics"]
+__all__ = ["AnomalyScorer", "Calibration", "GaussianBlur", "calibrate", "fuse", "gaussian_kernel1d", "level_maps",
+           "make_scorer", "fit_map_statistics"]

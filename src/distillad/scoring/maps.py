@@ -56,17 +56,6 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-def content_to_frame(maps: torch.Tensor, box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
-    """(B,S,S) maps of model inputs whose image lies at `box` (top, left, h, w; data.images.content_box) -> the
-    image's part of them, bilinearly resized to `size`: the image's own resolution, or the stretched frame the
-    metrics use. For a stretched input the box is the whole map and this is a plain resize."""
-    top, left, height, width = (int(v) for v in box)
-    content = maps[:, top:top + height, left:left + width]
-    if tuple(content.shape[-2:]) == tuple(size):
-        return content
-    return upsample(content, size)
-
-
 def level_maps(pairs: FeaturePairs) -> list[list[torch.Tensor]]:
     """Per student, per level: the per-pixel 1 - cos(T, S) discrepancy (B,h,w)."""
     return [[cosine_distance_map(t, s) for t, s in student] for student in pairs]
