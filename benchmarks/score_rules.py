@@ -25,14 +25,18 @@ from distillad.metrics import image_auroc
 
 
 def raw_maps(run: distillad.Run, samples: list[Sample], size: int,
-             feature_pool: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+             feature_pool: int = 1, pair: str = "teacher") -> tuple[torch.Tensor, np.ndarray]:
     """(N, students, levels, size, size) maps at `size` px, and the labels. With `feature_pool` k > 1 the maps are
-    the cosine distance between the k x k local averages of the teacher's and the student's features."""
+    the cosine distance between the k x k local averages of the teacher's and the student's features. With
+    `pair="students"` (two-student runs) there is one map per level: the distance between the two students."""
     out, labels = [], []
     k = feature_pool
     with torch.inference_mode():
         for batch in DataLoader(ImageDataset(samples, run.image_size), batch_size=16):
-            if k > 1:
+            if pair == "students":
+                first, second = run.scorer.model.feature_pairs(batch["image"])
+                per = [[cosine_distance_map(se, sd) for (_, se), (_, sd) in zip(first, second)]]
+            elif k > 1:
                 per = [[cosine_distance_map(local_average(t, k), local_average(s, k)) for t, s in student]
                        for student in run.scorer.model.feature_pairs(batch["image"])]
             else:
@@ -54,7 +58,8 @@ def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def load_or_compute(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, float]:
     """The validation and test raw maps, cached next to the run (`score_rules_<size>.pt`) so rules can be re-screened
     without a model pass."""
-    cache = args.run / f"score_rules_{args.size}_pool{args.feature_pool}.pt"
+    suffix = "_students" if args.pair == "students" else ""
+    cache = args.run / f"score_rules_{args.size}_pool{args.feature_pool}{suffix}.pt"
     run = distillad.load(args.run)
     sigma = run.config.options.get("sigma", 4.0) * args.size / run.image_size
     if cache.exists():
@@ -62,8 +67,8 @@ def load_or_compute(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tenso
         return saved["val"], saved["test"], saved["labels"].numpy(), sigma
     split = load_category(args.data, val_fraction=run.config.val_fraction, seed=run.config.seed)
     val_samples = [Sample(Path(p), 0, "good", None) for p in run.meta["data"]["val_files"]]
-    val, _ = raw_maps(run, val_samples, args.size, args.feature_pool)
-    test, labels = raw_maps(run, split.test, args.size, args.feature_pool)
+    val, _ = raw_maps(run, val_samples, args.size, args.feature_pool, args.pair)
+    test, labels = raw_maps(run, split.test, args.size, args.feature_pool, args.pair)
     torch.save({"val": val, "test": test, "labels": torch.from_numpy(labels)}, cache)
     return val, test, labels, sigma
 
@@ -75,6 +80,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="map resolution for the screening (default 64)")
     parser.add_argument("--feature-pool", type=int, default=1,
                         help="k > 1: compare k x k local averages of the teacher's and students' features")
+    parser.add_argument("--pair", choices=("teacher", "students"), default="teacher",
+                        help="students: score the distance between a two-student run's students instead of each "
+                             "student's distance to the teacher")
     args = parser.parse_args()
     val, test, labels, sigma = load_or_compute(args)
     n_students, n_levels = test.shape[1], test.shape[2]

@@ -10,6 +10,7 @@ from distillad.methods.parts import (
     cosine_distance_map,
     global_cosine_distance,
     hard_pixel_distance,
+    hardest_share_mean,
 )
 from distillad.scoring import AnomalyScorer
 
@@ -41,6 +42,57 @@ def test_global_cosine_and_hard_pixels_hand_computed():
     assert hard_pixel_distance(t, s, k=1).item() == pytest.approx(1.0)
     assert hard_pixel_distance(t, s, k=2).item() == pytest.approx(0.5)
     assert hard_pixel_distance(t, s, k=99).item() == pytest.approx(0.5)
+
+
+def test_hardest_share_mean_hand_computed():
+    """The mean of each image's largest `share` of map values; share 1 is the plain mean."""
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[4.0, 4.0], [0.0, 8.0]]])     # 2 images, 2x2
+    assert hardest_share_mean(maps, 1.0).tolist() == pytest.approx([1.5, 4.0])
+    assert hardest_share_mean(maps, 0.5).tolist() == pytest.approx([2.5, 6.0])   # top 2 of 4
+    assert hardest_share_mean(maps, 0.3).tolist() == pytest.approx([2.5, 6.0])   # ceil(1.2) = 2
+    assert hardest_share_mean(maps, 0.01).tolist() == pytest.approx([3.0, 8.0])  # at least one pixel
+
+
+def test_dskd_hard_share_loss_is_the_hardest_pixels_mean(images):
+    """hard_share: every student's and level's term averages only its hardest pixels, image by image."""
+    model = build_model("dskd", BACKBONE, {"hard_share": 0.25}, pretrained=False)
+    pairs = model.feature_pairs(images)
+    hand = torch.zeros(())
+    for student in pairs:
+        for t, s in student:
+            d = cosine_distance_map(t, s).flatten(1)
+            k = -(-d.shape[1] // 4)
+            hand = hand + d.sort(dim=1, descending=True).values[:, :k].mean()
+    assert torch.allclose(model.loss(pairs), hand, atol=1e-6)
+    plain = build_model("dskd", BACKBONE, {}, pretrained=False)
+    assert torch.allclose(plain.loss(pairs), sum(cosine_distance_map(t, s).mean() for p in pairs for t, s in p))
+    with pytest.raises(ValueError, match="hard_share must be in"):
+        build_model("dskd", BACKBONE, {"hard_share": 0.0}, pretrained=False)
+
+
+def test_dskd_encoder_init_from_another_backbone(monkeypatch):
+    """encoder_init: Se starts from another backbone's weights (here stood in by a seeded random Lite1), and only
+    when weights are being loaded: a checkpoint being rebuilt gets the structure; channels must match the teacher."""
+    import distillad.methods.dskd as dskd_module
+
+    calls = []
+    real = dskd_module.create_backbone
+
+    def spy(name, *, levels, pretrained=True, weights=None):
+        calls.append((name, pretrained))
+        return real(name, levels=levels, pretrained=False)
+
+    monkeypatch.setattr(dskd_module, "create_backbone", spy)
+    model = DSKD(BACKBONE, DSKD.options_class.from_dict({"encoder_init": "efficientnet_lite1"}), pretrained=False)
+    assert calls == [("efficientnet_lite1", False)]
+    assert model.encoder_student.name == "efficientnet_lite1"
+    calls.clear()
+    DSKD(BACKBONE, DSKD.options_class.from_dict({}), pretrained=False)
+    assert calls == [(BACKBONE, False)]
+    with pytest.raises(ValueError, match="Se must match the teacher's channels"):
+        DSKD(BACKBONE, DSKD.options_class.from_dict({"encoder_init": "efficientnet_lite2"}), pretrained=False)
+    with pytest.raises(ValueError, match="encoder_init"):
+        DSKD.options_class.from_dict({"encoder_init": "vgg"})
 
 
 def test_embedding_and_decoder_restore_pyramid_shapes():

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from distillad.backbones import create_backbone
+from distillad.backbones import BACKBONE_NAMES, FeatureExtractor, backbone_spec, create_backbone
 from distillad.errors import ConfigError
 from distillad.methods.base import (
     DistillationModel,
@@ -29,7 +29,13 @@ from distillad.methods.base import (
     register_method,
     select_levels,
 )
-from distillad.methods.parts import cosine_distance_map, global_cosine_distance, local_average, reverse_student
+from distillad.methods.parts import (
+    cosine_distance_map,
+    global_cosine_distance,
+    hardest_share_mean,
+    local_average,
+    reverse_student,
+)
 
 
 @dataclass
@@ -51,6 +57,13 @@ class DSKDOptions(MethodOptions):
     # students are asked for the teacher's features of the clean image there, so they learn to restore normal
     # features rather than to copy whatever they see. 0 = the paper's plain distillation.
     denoise: float = 0.0
+    # The share of each image's pixels, hardest first, that the loss averages on every student and level: 1 = all
+    # (the paper's plain mean); below 1 the students spend training on the normal pixels they reproduce worst,
+    # the ones that decide a defect-free image's score.
+    hard_share: float = 1.0
+    # How the forward student Se starts: scratch (random, the paper) or the ImageNet weights of another backbone
+    # with the teacher's channels (a different network, so Se does not start as a copy of the teacher).
+    encoder_init: str = "scratch"
     foreground: str = "auto"             # where the synthetic anomalies may go: auto | whole | mask
     foreground_mask: str | None = None   # mask image file for foreground=mask (white = object)
     texture_dir: str | None = None       # folder of texture images; None: built-in procedural textures
@@ -61,6 +74,12 @@ class DSKDOptions(MethodOptions):
         if not 0.0 <= self.denoise <= 1.0:
             raise ConfigError(f"denoise must be in [0, 1] (the share of training images given an anomaly), "
                               f"got {self.denoise}")
+        if not 0.0 < self.hard_share <= 1.0:
+            raise ConfigError(f"hard_share must be in (0, 1] (the share of pixels the loss averages), "
+                              f"got {self.hard_share}")
+        check_choice("encoder_init", self.encoder_init, ("scratch", *BACKBONE_NAMES))
+        if self.encoder_init != "scratch" and self.students == "decoder":
+            raise ConfigError("encoder_init sets up the encoder student; students=decoder has none")
         check_foreground(self.foreground, self.foreground_mask)
         check_choice("df_input", self.df_input, ("student", "teacher", "both"))
         if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
@@ -86,7 +105,7 @@ class DSKD(DistillationModel):
         self.use_encoder = options.students in ("both", "encoder")
         self.use_decoder = options.students in ("both", "decoder")
         if self.use_encoder:
-            self.encoder_student = create_backbone(backbone, levels=options.pyramid_levels(), pretrained=False)
+            self.encoder_student = self._encoder_student(backbone, options, pretrained=pretrained)
         if self.use_decoder:
             embed_channels = [2 * c for c in channels] if options.df_input == "both" else list(channels)
             self.embedding, self.decoder_student = reverse_student(
@@ -100,6 +119,18 @@ class DSKD(DistillationModel):
             self.anomalies = StageAnomalies(AnomalyGenerator(
                 None, texture_dir=options.texture_dir, probability=options.denoise, foreground=options.foreground,
                 foreground_mask=options.foreground_mask))
+
+    def _encoder_student(self, backbone: str, options: DSKDOptions, *, pretrained: bool) -> FeatureExtractor:
+        """Se: the teacher's structure, randomly initialised, or another backbone's ImageNet weights. A checkpoint
+        being loaded (pretrained=False) gets the structure only: its state_dict holds the trained weights."""
+        if options.encoder_init == "scratch":
+            return create_backbone(backbone, levels=options.pyramid_levels(), pretrained=False)
+        levels = options.pyramid_levels()
+        channels = list(backbone_spec(options.encoder_init).channels[:max(levels)])
+        if channels != list(self.teacher.channels):
+            raise ConfigError(f"encoder_init {options.encoder_init!r} has channels {channels}, the teacher "
+                              f"{backbone!r} {list(self.teacher.channels)}: Se must match the teacher's channels")
+        return create_backbone(options.encoder_init, levels=levels, pretrained=pretrained)
 
     def feature_pairs(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> FeaturePairs:
         teacher = self.teacher_features(images, teacher)
@@ -139,7 +170,7 @@ class DSKD(DistillationModel):
         total = torch.zeros((), device=pairs[0][0][0].device)
         for student in pairs:
             for t, s in student:
-                total = total + cosine_distance_map(t, s).mean()
+                total = total + hardest_share_mean(cosine_distance_map(t, s), self.options.hard_share).mean()
                 if self.options.global_cosine:
                     total = total + global_cosine_distance(t, s).mean()
         return total

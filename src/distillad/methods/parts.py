@@ -8,6 +8,7 @@ wire them together.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,9 +33,25 @@ def global_cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torc
 
 def hard_pixel_distance(teacher: torch.Tensor, student: torch.Tensor, k: int) -> torch.Tensor:
     """AAND's hard-knowledge term: mean of the k largest per-pixel distances of each image (B,)."""
-    distances = cosine_distance_map(teacher, student).flatten(1)
-    k = max(1, min(k, distances.shape[1]))
-    return distances.topk(k, dim=1).values.mean(dim=1)
+    return hardest_mean(cosine_distance_map(teacher, student), k)
+
+
+def hardest_mean(distances: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the k largest values of each image's map (B,h,w) -> (B,); k is clipped to [1, h*w]."""
+    flat = distances.flatten(1)
+    k = max(1, min(k, flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def hardest_share_mean(distances: torch.Tensor, share: float) -> torch.Tensor:
+    """Mean of the largest `share` of each image's map values (B,h,w) -> (B,); share 1 is the plain mean.
+
+    The image score is the maximum of a map, so the normal pixels a student reproduces worst are what raises a
+    defect-free image's score; a loss over them spends the training on that tail (EfficientAD's hard feature loss).
+    """
+    if share >= 1.0:
+        return distances.flatten(1).mean(dim=1)
+    return hardest_mean(distances, math.ceil(share * distances[0].numel()))
 
 
 def local_average(features: torch.Tensor, patch_size: int = 3, *, count_padding: bool = False) -> torch.Tensor:
