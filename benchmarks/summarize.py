@@ -48,6 +48,9 @@ TABLES = (
      ("dskd", "dskd_l4", "dskd_l4_e30")),
     ("The students matched to 3x3-averaged teacher features at 256 px (benchmarks/study256.yaml)", "dskd",
      ("dskd", "dskd_pool3")),
+    ("The loss over each image's hardest pixels, and Se started from Lite1's weights, at 256 px "
+     "(benchmarks/study256.yaml; dskd_hard10 is the default since)", "dskd",
+     ("dskd", "dskd_hard10", "dskd_hard01", "dskd_hard30", "dskd_init_lite1")),
 )
 
 

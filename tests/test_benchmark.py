@@ -158,6 +158,17 @@ def test_a_cell_saved_before_an_option_existed_compares_with_the_value_it_was_bu
     assert wanted_default.options == {"patch_padding": "zeros"}
     assert config_difference(old, wanted_default) == ["options"]
 
+    # a training setting added since (resize) compares as the value older runs were built with
+    old = TrainConfig(method="stfpm").to_dict()
+    del old["resize"]
+    assert config_difference(old, TrainConfig(method="stfpm")) == []
+    assert config_difference(old, TrainConfig(method="stfpm", resize="letterbox")) == ["resize"]
+    # DSKD's hard_share: cells trained before it existed used the plain mean over all pixels (1.0)
+    old = TrainConfig(method="dskd").to_dict()
+    old["options"] = {}
+    assert config_difference(old, TrainConfig(method="dskd", options={"hard_share": 1.0})) == []
+    assert config_difference(old, TrainConfig(method="dskd", options={"hard_share": 0.1})) == ["options"]
+
 
 def write_record(cell, value: float, train_seconds: float = 10.0) -> None:
     """A hand-written finished cell: every metric `value`."""
@@ -313,7 +324,7 @@ def test_evaluation_variants_reuse_the_runs_with_other_map_options(tmp_path, cat
     run_benchmark(spec, progress=False, log=lambda _: None)
     assert counted[0].calls == 1                           # one training: the evaluation variant trains nothing
     record = json.loads((cells[1].folder / "cell.json").read_text())
-    assert record["config"]["options"] == {"student_fusion": "max", "sigma": 0}
+    assert record["config"]["options"] == {"student_fusion": "max", "sigma": 0, "hard_share": 0.1}
     assert not (cells[1].folder / "run").exists()
     # the oracle: the same run evaluated by hand with the same map options
     data = discover_mvtec(category, val_fraction=0.1, seed=0)

@@ -64,8 +64,9 @@ def test_dskd_hard_share_loss_is_the_hardest_pixels_mean(images):
             k = -(-d.shape[1] // 4)
             hand = hand + d.sort(dim=1, descending=True).values[:, :k].mean()
     assert torch.allclose(model.loss(pairs), hand, atol=1e-6)
-    plain = build_model("dskd", BACKBONE, {}, pretrained=False)
+    plain = build_model("dskd", BACKBONE, {"hard_share": 1.0}, pretrained=False)
     assert torch.allclose(plain.loss(pairs), sum(cosine_distance_map(t, s).mean() for p in pairs for t, s in p))
+    assert build_model("dskd", BACKBONE, {}, pretrained=False).options.hard_share == 0.1   # the default
     with pytest.raises(ValueError, match="hard_share must be in"):
         build_model("dskd", BACKBONE, {"hard_share": 0.0}, pretrained=False)
 

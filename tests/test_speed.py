@@ -89,7 +89,7 @@ def test_fresh_resnet_model_without_cached_weights_is_random_and_says_so(monkeyp
 
 def test_fresh_efficientnet_model_uses_the_pretrained_teacher():
     scorer, info = build_scorer(method="dskd", options={"students": "encoder"}, image_size=64, fold=False)
-    assert info["teacher_weights"] == "pretrained" and info["options"] == {"students": "encoder"}
+    assert info["teacher_weights"] == "pretrained" and info["options"] == {"students": "encoder", "hard_share": 0.1}
     assert info["batchnorm_folded"] == 0
     reference = build_model("dskd", "efficientnet_lite0", {"students": "encoder"}, pretrained=True)
     first = next(iter(reference.teacher.state_dict().items()))

@@ -143,10 +143,18 @@ def _state_mismatch(model: DistillationModel, state: dict[str, Any]) -> str | No
     return None
 
 
+# Training settings added since the first runs were saved, with the value those runs were built with.
+LEGACY_CONFIG_DEFAULTS: dict[str, Any] = {"resize": "stretch"}
+
+
 def with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with the values its run was built with for options added since (the method's
-    `legacy_defaults`), so that a newer default never silently changes an older run."""
-    method = METHODS.get(saved.get("method")) if isinstance(saved, dict) else None
+    """A saved config with the values its run was built with for settings and options added since
+    (LEGACY_CONFIG_DEFAULTS, the method's `legacy_defaults`), so that a newer default never silently changes an
+    older run, and an older benchmark cell still compares equal to the config it was trained with."""
+    if not isinstance(saved, dict):
+        return saved
+    saved = {**LEGACY_CONFIG_DEFAULTS, **saved}
+    method = METHODS.get(saved.get("method"))
     legacy = method.options_class.legacy_defaults if method is not None else {}
     if not legacy or not isinstance(saved.get("options", {}), dict):
         return saved
