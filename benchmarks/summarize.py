@@ -50,7 +50,7 @@ TABLES = (
      ("dskd", "dskd_pool3")),
     ("The loss over each image's hardest pixels, and Se started from Lite1's weights, at 256 px "
      "(benchmarks/study256.yaml; dskd_hard10 is the default since)", "dskd",
-     ("dskd", "dskd_hard10", "dskd_hard01", "dskd_hard30", "dskd_init_lite1")),
+     ("dskd", "dskd_hard10", "dskd_hard01", "dskd_hard30", "dskd_init_lite1", "dskd_hard10_l4")),
 )
 
 
