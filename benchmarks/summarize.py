@@ -51,6 +51,8 @@ TABLES = (
     ("The loss over each image's hardest pixels, and Se started from Lite1's weights, at 256 px "
      "(benchmarks/study256.yaml; dskd_hard10 is the default since)", "dskd",
      ("dskd", "dskd_hard10", "dskd_hard01", "dskd_hard30", "dskd_init_lite1", "dskd_hard10_l4")),
+    ("The fourth level and 30 epochs with the hardest-pixel loss, against the default (benchmarks/study256.yaml)",
+     "dskd_hard10", ("dskd_hard10", "dskd_hard10_l4", "dskd_hard10_l4_e30", "dskd_l4_e30")),
 )
 
 
