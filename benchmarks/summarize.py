@@ -53,6 +53,8 @@ TABLES = (
      ("dskd", "dskd_hard10", "dskd_hard01", "dskd_hard30", "dskd_init_lite1", "dskd_hard10_l4")),
     ("The fourth level and 30 epochs with the hardest-pixel loss, against the default (benchmarks/study256.yaml)",
      "dskd_hard10", ("dskd_hard10", "dskd_hard10_l4", "dskd_hard10_l4_e30", "dskd_l4_e30")),
+    ("Negative students (synthetic anomalies the students are trained not to copy), against the default "
+     "(benchmarks/study256.yaml)", "dskd_hard10", ("dskd_hard10", "dskd_negative")),
 )
 
 

@@ -11,6 +11,7 @@ from distillad.methods.parts import (
     global_cosine_distance,
     hard_pixel_distance,
     hardest_share_mean,
+    negative_similarity,
 )
 from distillad.scoring import AnomalyScorer
 
@@ -51,6 +52,48 @@ def test_hardest_share_mean_hand_computed():
     assert hardest_share_mean(maps, 0.5).tolist() == pytest.approx([2.5, 6.0])   # top 2 of 4
     assert hardest_share_mean(maps, 0.3).tolist() == pytest.approx([2.5, 6.0])   # ceil(1.2) = 2
     assert hardest_share_mean(maps, 0.01).tolist() == pytest.approx([3.0, 8.0])  # at least one pixel
+
+
+def test_negative_similarity_hand_computed():
+    """The cosine similarity 1 - d floored at 0, averaged over the anomalous pixels weighted by their area share."""
+    distances = torch.tensor([[[0.2, 0.5], [1.5, 0.0]]])                  # similarities 0.8, 0.5, 0 (floored), 1
+    anomalous = torch.tensor([[[1.0, 0.5], [1.0, 0.0]]])
+    assert negative_similarity(distances, anomalous).item() == pytest.approx((0.8 + 0.25 + 0.0) / 2.5)
+    assert negative_similarity(distances, torch.zeros_like(anomalous)).item() == 0.0   # no anomaly: no term
+
+
+def test_negative_students_are_pushed_off_the_teacher_on_anomalous_pixels(images):
+    """negative: in training, the students and the teacher both see the synthetic-anomaly images; each student's
+    and level's term is the negative similarity on the anomalous pixels (mask area-resized to the level) plus the
+    hard-pixel loss over the others; in eval mode the held-out loss is the plain one on the clean images."""
+    model = build_model("dskd", BACKBONE, {"negative": 0.5, "foreground": "whole", "hard_share": 0.5},
+                        pretrained=False)
+    torch.manual_seed(3)
+    model.train()
+    with torch.no_grad():
+        model.training_loss(images)
+        saved = model.anomalies.state()
+        # the clean (cached) targets are replaced by the teacher's features of the images that got an anomaly
+        loss = model.training_loss(images, model.teacher_features(images))
+        model.anomalies.load_state(saved)
+        batch = model.anomalies(images)
+        assert batch.applied.any() and not batch.applied.all() and batch.masks.sum() > 0
+        hand = torch.zeros(())
+        for student in model.feature_pairs(batch.images):
+            for t, s in student:
+                d = cosine_distance_map(t, s)
+                area = torch.nn.functional.interpolate(batch.masks, size=d.shape[-2:], mode="area")[:, 0]
+                assert 0 < area.sum() < area.numel()
+                hand += (area * (1 - d).clamp(min=0)).sum() / area.sum()
+                kept = torch.where(area > 0, torch.zeros_like(d), d).flatten(1)
+                hand += kept.topk(kept.shape[1] // 2, dim=1).values.mean()
+        assert torch.allclose(loss, hand, atol=1e-5)
+        model.eval()
+        assert torch.allclose(model.training_loss(images), model.loss(model.feature_pairs(images)))
+    with pytest.raises(ValueError, match="set one of them"):
+        build_model("dskd", BACKBONE, {"negative": 0.5, "denoise": 0.5}, pretrained=False)
+    with pytest.raises(ValueError, match="negative must be in"):
+        build_model("dskd", BACKBONE, {"negative": -0.1}, pretrained=False)
 
 
 def test_dskd_hard_share_loss_is_the_hardest_pixels_mean(images):

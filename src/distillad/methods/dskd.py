@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from distillad.backbones import BACKBONE_NAMES, FeatureExtractor, backbone_spec, create_backbone
 from distillad.errors import ConfigError
@@ -34,6 +35,7 @@ from distillad.methods.parts import (
     global_cosine_distance,
     hardest_share_mean,
     local_average,
+    negative_similarity,
     reverse_student,
 )
 
@@ -57,6 +59,11 @@ class DSKDOptions(MethodOptions):
     # students are asked for the teacher's features of the clean image there, so they learn to restore normal
     # features rather than to copy whatever they see. 0 = the paper's plain distillation.
     denoise: float = 0.0
+    # Negative students: this share of training images gets a synthetic anomaly, and on its pixels the students are
+    # trained away from the teacher's features of the altered image (loss: their cosine similarity there, floored at
+    # 0) while the other pixels keep the usual loss. Plain distillation never tells a student what not to copy.
+    # 0 = off (the paper).
+    negative: float = 0.0
     # The share of each image's pixels, hardest first, that the loss averages on every student and level: 1 = all
     # (the paper's plain mean); below 1 the students spend training on the normal pixels they reproduce worst,
     # the ones that decide a defect-free image's score. 0.1: Magnetic Tile image AUROC +4.6 on 3/3 seeds at 256 px,
@@ -77,6 +84,11 @@ class DSKDOptions(MethodOptions):
         if not 0.0 <= self.denoise <= 1.0:
             raise ConfigError(f"denoise must be in [0, 1] (the share of training images given an anomaly), "
                               f"got {self.denoise}")
+        if not 0.0 <= self.negative <= 1.0:
+            raise ConfigError(f"negative must be in [0, 1] (the share of training images given an anomaly), "
+                              f"got {self.negative}")
+        if self.denoise > 0 and self.negative > 0:
+            raise ConfigError("denoise and negative give the anomalous pixels opposite targets: set one of them")
         if not 0.0 < self.hard_share <= 1.0:
             raise ConfigError(f"hard_share must be in (0, 1] (the share of pixels the loss averages), "
                               f"got {self.hard_share}")
@@ -115,12 +127,13 @@ class DSKD(DistillationModel):
                 embed_channels, channels, bottleneck_blocks=options.bottleneck_blocks,
                 decoder_blocks=options.decoder_blocks, relu_output=self.teacher_relu_features)
         self.anomalies = None
-        if options.denoise > 0:
+        if options.denoise > 0 or options.negative > 0:
             # built now, so that a bad texture folder or mask fails before any training
             from distillad.data.anomalies import AnomalyGenerator, StageAnomalies
 
             self.anomalies = StageAnomalies(AnomalyGenerator(
-                None, texture_dir=options.texture_dir, probability=options.denoise, foreground=options.foreground,
+                None, texture_dir=options.texture_dir, probability=max(options.denoise, options.negative),
+                foreground=options.foreground,
                 foreground_mask=options.foreground_mask))
 
     def _encoder_student(self, backbone: str, options: DSKDOptions, *, pretrained: bool) -> FeatureExtractor:
@@ -157,11 +170,20 @@ class DSKD(DistillationModel):
 
     def training_loss(self, images: torch.Tensor, teacher: list[torch.Tensor] | None = None) -> torch.Tensor:
         """With `denoise`, training batches get synthetic anomalies while the teacher's targets stay those of the
-        clean images; in eval mode (the held-out loss on defect-free images) the images stay as they are."""
-        if self.anomalies is not None and self.training:
-            teacher = self.teacher_features(images, teacher)
-            images = self.anomalies(images).images
-        return self.loss(self.feature_pairs(images, teacher))
+        clean images; with `negative`, the targets are the teacher's features of the altered images and the
+        anomalous pixels are pushed away from them. In eval mode (the held-out loss on defect-free images) the
+        images stay as they are."""
+        if self.anomalies is None or not self.training:
+            return self.loss(self.feature_pairs(images, teacher))
+        teacher = self.teacher_features(images, teacher)
+        if self.options.negative > 0:
+            synthetic = self.anomalies(images)
+            altered = synthetic.applied.nonzero().squeeze(1).to(images.device)
+            if len(altered):   # the teacher sees what the students see; unaltered images keep their (cached) features
+                features = self.teacher_features(synthetic.images[altered])
+                teacher = [t.index_copy(0, altered, f.to(t.dtype)) for t, f in zip(teacher, features)]
+            return self.loss(self.feature_pairs(synthetic.images, teacher), anomaly_masks=synthetic.masks)
+        return self.loss(self.feature_pairs(self.anomalies(images).images, teacher))
 
     def training_stages(self) -> list[TrainingStage]:
         if self.anomalies is None:
@@ -169,11 +191,17 @@ class DSKD(DistillationModel):
         return [TrainingStage("distill", self.trainable_parameters, self.training_loss, state=self.anomalies.state,
                               load_state=self.anomalies.load_state)]
 
-    def loss(self, pairs: FeaturePairs) -> torch.Tensor:
+    def loss(self, pairs: FeaturePairs, anomaly_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The distillation loss; with `anomaly_masks` (B,1,H,W) the masked pixels get the negative term instead."""
         total = torch.zeros((), device=pairs[0][0][0].device)
         for student in pairs:
             for t, s in student:
-                total = total + hardest_share_mean(cosine_distance_map(t, s), self.options.hard_share).mean()
+                distance = cosine_distance_map(t, s)
+                if anomaly_masks is not None:
+                    anomalous = F.interpolate(anomaly_masks, size=distance.shape[-2:], mode="area")[:, 0]
+                    total = total + negative_similarity(distance, anomalous)
+                    distance = distance * (anomalous == 0)
+                total = total + hardest_share_mean(distance, self.options.hard_share).mean()
                 if self.options.global_cosine:
                     total = total + global_cosine_distance(t, s).mean()
         return total

@@ -54,6 +54,13 @@ def hardest_share_mean(distances: torch.Tensor, share: float) -> torch.Tensor:
     return hardest_mean(distances, math.ceil(share * distances[0].numel()))
 
 
+def negative_similarity(distances: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
+    """The mean cosine similarity 1 - d, floored at 0, over the anomalous pixels of a batch, weighted by each pixel's
+    anomalous area share (B,h,w) x2 -> (); 0 when the batch has none. Minimising it drives a student's features at
+    a synthetic defect to at least orthogonal to the teacher's, so the discrepancy there is as large as it gets."""
+    return (anomalous * (1.0 - distances).clamp(min=0.0)).sum() / anomalous.sum().clamp(min=_EPS)
+
+
 def local_average(features: torch.Tensor, patch_size: int = 3, *, count_padding: bool = False) -> torch.Tensor:
     """Each position's feature averaged over its patch_size x patch_size neighbourhood (B,C,h,w) -> (B,C,h,w).
 
