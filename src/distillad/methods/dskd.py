@@ -64,6 +64,9 @@ class DSKDOptions(MethodOptions):
     # 0) while the other pixels keep the usual loss. Plain distillation never tells a student what not to copy.
     # 0 = off (the paper).
     negative: float = 0.0
+    # The weight of that term against the distillation loss. The term is a mean over the batch's anomalous pixels,
+    # so the share above changes how many examples it sees, not how hard it pulls; this sets how hard.
+    negative_weight: float = 1.0
     # The share of each image's pixels, hardest first, that the loss averages on every student and level: 1 = all
     # (the paper's plain mean); below 1 the students spend training on the normal pixels they reproduce worst,
     # the ones that decide a defect-free image's score. 0.1: Magnetic Tile image AUROC +4.6 on 3/3 seeds at 256 px,
@@ -87,6 +90,9 @@ class DSKDOptions(MethodOptions):
         if not 0.0 <= self.negative <= 1.0:
             raise ConfigError(f"negative must be in [0, 1] (the share of training images given an anomaly), "
                               f"got {self.negative}")
+        if not self.negative_weight > 0.0:
+            raise ConfigError(f"negative_weight must be > 0 (the weight of the negative term), "
+                              f"got {self.negative_weight}")
         if self.denoise > 0 and self.negative > 0:
             raise ConfigError("denoise and negative give the anomalous pixels opposite targets: set one of them")
         if not 0.0 < self.hard_share <= 1.0:
@@ -199,7 +205,7 @@ class DSKD(DistillationModel):
                 distance = cosine_distance_map(t, s)
                 if anomaly_masks is not None:
                     anomalous = F.interpolate(anomaly_masks, size=distance.shape[-2:], mode="area")[:, 0]
-                    total = total + negative_similarity(distance, anomalous)
+                    total = total + self.options.negative_weight * negative_similarity(distance, anomalous)
                     distance = distance * (anomalous == 0)
                 total = total + hardest_share_mean(distance, self.options.hard_share).mean()
                 if self.options.global_cosine:
