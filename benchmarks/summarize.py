@@ -55,7 +55,8 @@ TABLES = (
      "dskd_hard10", ("dskd_hard10", "dskd_hard10_l4", "dskd_hard10_l4_e30", "dskd_l4_e30")),
     ("Negative students (synthetic anomalies the students are trained not to copy), against the default "
      "(benchmarks/study256.yaml)", "dskd_hard10",
-     ("dskd_hard10", "dskd_negative", "dskd_negative10", "dskd_negative_w02", "dskd_negative_w05")),
+     ("dskd_hard10", "dskd_negative", "dskd_negative10", "dskd_negative_w02", "dskd_negative_w05",
+      "dskd_negative25_w02")),
 )
 
 
