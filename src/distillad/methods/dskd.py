@@ -84,12 +84,10 @@ class DSKDOptions(MethodOptions):
     def validate(self) -> None:
         super().validate()
         check_choice("students", self.students, ("both", "encoder", "decoder"))
-        if not 0.0 <= self.denoise <= 1.0:
-            raise ConfigError(f"denoise must be in [0, 1] (the share of training images given an anomaly), "
-                              f"got {self.denoise}")
-        if not 0.0 <= self.negative <= 1.0:
-            raise ConfigError(f"negative must be in [0, 1] (the share of training images given an anomaly), "
-                              f"got {self.negative}")
+        for name in ("denoise", "negative"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1] (the share of training images given an anomaly), "
+                                  f"got {getattr(self, name)}")
         if not self.negative_weight > 0.0:
             raise ConfigError(f"negative_weight must be > 0 (the weight of the negative term), "
                               f"got {self.negative_weight}")
@@ -200,11 +198,15 @@ class DSKD(DistillationModel):
     def loss(self, pairs: FeaturePairs, anomaly_masks: torch.Tensor | None = None) -> torch.Tensor:
         """The distillation loss; with `anomaly_masks` (B,1,H,W) the masked pixels get the negative term instead."""
         total = torch.zeros((), device=pairs[0][0][0].device)
+        resized: dict[tuple[int, ...], torch.Tensor] = {}   # the mask at each level's size, shared by the students
         for student in pairs:
             for t, s in student:
                 distance = cosine_distance_map(t, s)
                 if anomaly_masks is not None:
-                    anomalous = F.interpolate(anomaly_masks, size=distance.shape[-2:], mode="area")[:, 0]
+                    size = tuple(distance.shape[-2:])
+                    if size not in resized:
+                        resized[size] = F.interpolate(anomaly_masks, size=size, mode="area")[:, 0]
+                    anomalous = resized[size]
                     total = total + self.options.negative_weight * negative_similarity(distance, anomalous)
                     distance = distance * (anomalous == 0)
                 total = total + hardest_share_mean(distance, self.options.hard_share).mean()
