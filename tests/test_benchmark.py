@@ -105,6 +105,28 @@ def test_rerun_skips_finished_cells(finished, counted):
     assert "2 already finished, 0 to run" in logs[0]
 
 
+def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, category, counted):
+    """Two benchmark processes on one spec: a cell whose run the other one is training (it holds the run's
+    training lock) is neither trained a second time nor written into; this process goes on with the next cell,
+    and a later run does the cell once it is free."""
+    from distillad.engine.resume import training_lock
+
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", category))
+    taken = next(c for c in plan_cells(spec) if c.variant == "dskd")
+    logs: list[str] = []
+    with training_lock(taken.run_dir):
+        result = run_benchmark(spec, progress=False, log=logs.append)
+    assert [c.variant for c in result.busy] == ["dskd"] and [c.variant for c in result.ran] == ["stfpm"]
+    assert any("dskd / syn / seed 0: left to the other process" in line and "being trained by another process"
+               in line for line in logs)
+    assert "1 left to another process" in logs[-1]
+    assert not taken.cell_file.exists() and not taken.run_dir.exists()
+    with open(spec.out / "results.csv", newline="") as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == ["stfpm"]
+    result = run_benchmark(spec, progress=False, log=logs.append)
+    assert [c.variant for c in result.ran] == ["dskd"] and not result.busy and taken.cell_file.is_file()
+
+
 def test_missing_cell_json_reruns_that_cell(finished, counted):
     spec, _ = finished
     trainer, _ = counted

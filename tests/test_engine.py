@@ -213,6 +213,45 @@ def test_existing_run_is_never_overwritten(tiny_run, tiny_category):
     assert (run_dir / MODEL_FILE).read_bytes() == before
 
 
+def test_a_run_in_training_is_not_trained_by_a_second_process(tiny_category, tmp_path):
+    """While one training holds a run folder, a second training of it (a second shell, a second benchmark process
+    on the same cell) fails before it touches the work folder, even with --overwrite, and names the holder's pid.
+    The lock goes with the first training: a process killed while holding it leaves nothing that blocks the
+    next one, and a finished training leaves no lock file."""
+    import os
+    import subprocess
+    import sys
+
+    from distillad.engine.resume import lock_file, training_lock, work_dir
+
+    run = tmp_path / "run"
+    work_dir(run).mkdir(parents=True)
+    (work_dir(run) / "checkpoint.pt").write_bytes(b"the first training's")
+    config = resolve_config("dskd", overrides={"image_size": 64, "epochs": 1, "batch_size": 4})
+    data = discover_mvtec(tiny_category, val_fraction=0.25, seed=0)
+    with training_lock(run):
+        with pytest.raises(RunError, match=rf"{run} is being trained by another process now \(pid {os.getpid()}\)"):
+            train_run(config, data, run, progress=False, overwrite=True, log=lambda _: None)
+        assert (work_dir(run) / "checkpoint.pt").read_bytes() == b"the first training's"
+    assert not lock_file(run).exists()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from distillad.engine.resume import training_lock\n"
+         f"with training_lock(Path({str(run)!r})):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=rf"pid {holder.pid}\)"):
+            train_run(config, data, run, progress=False, overwrite=True, log=lambda _: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_file(run).exists()          # killed: its file stays, its lock does not
+    train_run(config, data, run, progress=False, overwrite=True, log=lambda _: None)
+    assert (run / MODEL_FILE).is_file() and not work_dir(run).exists() and not lock_file(run).exists()
+
+
 def test_corrupt_or_incomplete_runs_fail_clearly(tmp_path, tiny_run):
     with pytest.raises(RunError, match="does not exist"):
         load_run(tmp_path / "nowhere")

@@ -25,6 +25,10 @@ class RunError(DistilladError, RuntimeError):
     kind = "run"
 
 
+class RunBusyError(RunError):
+    """The run folder is being trained by another process right now (it holds the folder's training lock)."""
+
+
 class ConfigError(DistilladError, ValueError):
     """A setting, option or command-line value of the wrong name, type or range."""
 
@@ -37,4 +41,4 @@ class WeightsUnavailableError(DistilladError, RuntimeError):
     kind = "weights"
 
 
-__all__ = ["ConfigError", "DataError", "DistilladError", "RunError", "WeightsUnavailableError"]
+__all__ = ["ConfigError", "DataError", "DistilladError", "RunBusyError", "RunError", "WeightsUnavailableError"]

@@ -12,6 +12,8 @@ driver). `check_plan`, `speed_due` and `write_speed` are shared the same way.
 A cell with a cell.json of the same configuration is never redone; a cell whose run folder is complete (meta.json
 of the same configuration) but lacks cell.json is only evaluated; anything else is retrained with overwrite.
 After every cell, results.csv and results.md are rewritten atomically.
+Two benchmark processes may share a spec: a cell whose run another process is training (its training lock,
+`distillad.engine.resume.training_lock`) is left to that process, and this one goes on with the next cell.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from distillad.data import discover_mvtec
 from distillad.engine.checkpoint import load_run
 from distillad.engine.inference import evaluate_split
 from distillad.engine.train import train_run
-from distillad.errors import DataError, RunError
+from distillad.errors import DataError, RunBusyError, RunError
 from distillad.io import atomic_write_json
 
 
@@ -46,6 +48,7 @@ class BenchmarkResult:
     cells: list[Cell]
     ran: list[Cell] = field(default_factory=list)
     skipped: list[Cell] = field(default_factory=list)
+    busy: list[Cell] = field(default_factory=list)     # being trained by another process: left to it
     csv_path: Path | None = None
     md_path: Path | None = None
 
@@ -203,7 +206,12 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
         done_before = len(result.skipped) + len(result.ran)
         log(f"[{done_before + 1}/{len(cells)}] {cell.label}: {'evaluating' if statuses[id(cell)] == 'trained' else 'training'}"
             f" (elapsed {clock(time.perf_counter() - start)})")
-        record = _run_cell(cell, progress, log)
+        try:
+            record = _run_cell(cell, progress, log)
+        except RunBusyError as busy:   # a second benchmark process on the same spec: each cell is trained once
+            result.busy.append(cell)
+            log(f"[{done_before + 1}/{len(cells)}] {cell.label}: left to the other process ({busy})")
+            continue
         result.ran.append(cell)
         elapsed = time.perf_counter() - start
         left = elapsed / number * (len(todo) - number)
@@ -213,5 +221,6 @@ def run_benchmark(spec: BenchmarkSpec, *, overrides: dict[str, Any] | None = Non
         _ensure_speed(spec, cell.variant, cells, log)
         result.csv_path, result.md_path = write_results(spec, cells, overrides)
     log(f"benchmark finished: {len(result.ran)} cell(s) run, {len(result.skipped)} skipped, "
-        f"{clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
+        + (f"{len(result.busy)} left to another process that is training them, " if result.busy else "")
+        + f"{clock(time.perf_counter() - start)}; wrote {result.csv_path} and {result.md_path}")
     return result

@@ -7,6 +7,8 @@ the loop draws from, and the progress so far, all plain tensors and numbers load
 Restoring it before the next epoch makes a resumed run draw exactly what the uninterrupted run would have drawn, so
 it ends with the same weights. The finished run is published into the run folder with renames (see
 `publish_run`), and the work folder is removed.
+While it trains, the process holds a lock on `.NAME.lock` (see `training_lock`), so a second training of the
+same run folder stops with an error instead of resuming, overwriting or deleting the first one's work folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distillad.errors import RunError
+from distillad.errors import RunBusyError, RunError
 from distillad.io import atomic_torch_save, fsync_dir
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -32,6 +35,51 @@ CHECKPOINT_VERSION = 1
 def work_dir(run_dir: Path) -> Path:
     """Where `run_dir` is trained: a hidden sibling, on the same filesystem, so publishing is a rename."""
     return run_dir.parent / f".{run_dir.name}.partial"
+
+
+def lock_file(run_dir: Path) -> Path:
+    """The file whose lock marks `run_dir` as being trained (a hidden sibling, like the work folder)."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextmanager
+def training_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir`'s training to this process: a second training of the same run (a second shell, a second
+    benchmark process on the same cell) would resume, overwrite or delete the work folder under the first one.
+
+    An exclusive `flock` on `lock_file(run_dir)`, released by the kernel when the process dies, so a killed
+    training leaves no stale lock behind; the file holds the holder's pid for the error message and is removed on
+    release. Where `fcntl` does not exist (Windows), there is no lock."""
+    try:
+        import fcntl
+    except ImportError:   # pragma: no cover - not POSIX
+        yield
+        return
+    path = lock_file(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunBusyError(f"{run_dir} is being trained by another process now (pid {holder}): wait for it to "
+                           "finish, or train into another --out") from None
+        try:   # the holder before us may have removed the file it locked: the lock must be on the file at `path`
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def random_state(loader_generator: torch.Generator) -> dict[str, Any]:
