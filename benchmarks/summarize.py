@@ -56,7 +56,7 @@ TABLES = (
     ("Negative students (synthetic anomalies the students are trained not to copy), against the default "
      "(benchmarks/study256.yaml)", "dskd_hard10",
      ("dskd_hard10", "dskd_negative", "dskd_negative10", "dskd_negative_w02", "dskd_negative_w05",
-      "dskd_negative25_w02")),
+      "dskd_negative25_w02", "dskd_negative_dec", "dskd_negative_enc")),
 )
 
 

@@ -62,14 +62,14 @@ def test_negative_similarity_hand_computed():
     assert negative_similarity(distances, torch.zeros_like(anomalous)).item() == 0.0   # no anomaly: no term
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.25])
-def test_negative_students_are_pushed_off_the_teacher_on_anomalous_pixels(images, weight):
-    """negative: in training, the students and the teacher both see the synthetic-anomaly images; each student's
-    and level's term is the negative similarity on the anomalous pixels (mask area-resized to the level), times
-    negative_weight, plus the hard-pixel loss over the others; in eval mode the held-out loss is the plain one on
-    the clean images."""
+@pytest.mark.parametrize(("weight", "pushed"), [(1.0, "both"), (0.25, "both"), (1.0, "decoder"), (1.0, "encoder")])
+def test_negative_students_are_pushed_off_the_teacher_on_anomalous_pixels(images, weight, pushed):
+    """negative: in training, the students and the teacher both see the synthetic-anomaly images; each pushed
+    student's (negative_students) and level's term is the negative similarity on the anomalous pixels (mask
+    area-resized to the level), times negative_weight, and every student has the hard-pixel loss over the other
+    pixels; in eval mode the held-out loss is the plain one on the clean images."""
     model = build_model("dskd", BACKBONE, {"negative": 0.5, "negative_weight": weight, "foreground": "whole",
-                                           "hard_share": 0.5}, pretrained=False)
+                                           "hard_share": 0.5, "negative_students": pushed}, pretrained=False)
     torch.manual_seed(3)
     model.train()
     with torch.no_grad():
@@ -81,12 +81,13 @@ def test_negative_students_are_pushed_off_the_teacher_on_anomalous_pixels(images
         batch = model.anomalies(images)
         assert batch.applied.any() and not batch.applied.all() and batch.masks.sum() > 0
         hand = torch.zeros(())
-        for student in model.feature_pairs(batch.images):
+        for name, student in zip(("encoder", "decoder"), model.feature_pairs(batch.images)):
             for t, s in student:
                 d = cosine_distance_map(t, s)
                 area = torch.nn.functional.interpolate(batch.masks, size=d.shape[-2:], mode="area")[:, 0]
                 assert 0 < area.sum() < area.numel()
-                hand += weight * (area * (1 - d).clamp(min=0)).sum() / area.sum()
+                if pushed in ("both", name):
+                    hand += weight * (area * (1 - d).clamp(min=0)).sum() / area.sum()
                 kept = torch.where(area > 0, torch.zeros_like(d), d).flatten(1)
                 hand += kept.topk(kept.shape[1] // 2, dim=1).values.mean()
         assert torch.allclose(loss, hand, atol=1e-5)
@@ -98,6 +99,9 @@ def test_negative_students_are_pushed_off_the_teacher_on_anomalous_pixels(images
         build_model("dskd", BACKBONE, {"negative": -0.1}, pretrained=False)
     with pytest.raises(ValueError, match="negative_weight must be > 0"):
         build_model("dskd", BACKBONE, {"negative": 0.5, "negative_weight": 0.0}, pretrained=False)
+    with pytest.raises(ValueError, match="does not train"):
+        build_model("dskd", BACKBONE, {"negative": 0.5, "negative_students": "decoder", "students": "encoder"},
+                    pretrained=False)
 
 
 def test_dskd_hard_share_loss_is_the_hardest_pixels_mean(images):

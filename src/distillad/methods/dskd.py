@@ -67,6 +67,9 @@ class DSKDOptions(MethodOptions):
     # The weight of that term against the distillation loss. The term is a mean over the batch's anomalous pixels,
     # so the share above changes how many examples it sees, not how hard it pulls; this sets how hard.
     negative_weight: float = 1.0
+    # Which students get the negative term (both | encoder | decoder); a student left out of it neither copies
+    # nor is pushed off the anomalous pixels (they leave its loss), so it keeps the plain fit of normal images.
+    negative_students: str = "both"
     # The share of each image's pixels, hardest first, that the loss averages on every student and level: 1 = all
     # (the paper's plain mean); below 1 the students spend training on the normal pixels they reproduce worst,
     # the ones that decide a defect-free image's score. 0.1: Magnetic Tile image AUROC +4.6 on 3/3 seeds at 256 px,
@@ -91,6 +94,10 @@ class DSKDOptions(MethodOptions):
         if not self.negative_weight > 0.0:
             raise ConfigError(f"negative_weight must be > 0 (the weight of the negative term), "
                               f"got {self.negative_weight}")
+        check_choice("negative_students", self.negative_students, ("both", "encoder", "decoder"))
+        if self.negative_students not in ("both", self.students) and self.students != "both":
+            raise ConfigError(f"negative_students={self.negative_students} names a student that "
+                              f"students={self.students} does not train")
         if self.denoise > 0 and self.negative > 0:
             raise ConfigError("denoise and negative give the anomalous pixels opposite targets: set one of them")
         if not 0.0 < self.hard_share <= 1.0:
@@ -195,11 +202,18 @@ class DSKD(DistillationModel):
         return [TrainingStage("distill", self.trainable_parameters, self.training_loss, state=self.anomalies.state,
                               load_state=self.anomalies.load_state)]
 
+    def pushed_students(self) -> list[bool]:
+        """For each student of `feature_pairs` (Se first), whether the negative term applies to it."""
+        used = [name for name, on in (("encoder", self.use_encoder), ("decoder", self.use_decoder)) if on]
+        return [self.options.negative_students in ("both", name) for name in used]
+
     def loss(self, pairs: FeaturePairs, anomaly_masks: torch.Tensor | None = None) -> torch.Tensor:
-        """The distillation loss; with `anomaly_masks` (B,1,H,W) the masked pixels get the negative term instead."""
+        """The distillation loss; with `anomaly_masks` (B,1,H,W) the masked pixels leave it, and the students named by
+        `negative_students` get the negative term there instead."""
         total = torch.zeros((), device=pairs[0][0][0].device)
         resized: dict[tuple[int, ...], torch.Tensor] = {}   # the mask at each level's size, shared by the students
-        for student in pairs:
+        pushed = self.pushed_students() if anomaly_masks is not None else [False] * len(pairs)
+        for push, student in zip(pushed, pairs, strict=True):
             for t, s in student:
                 distance = cosine_distance_map(t, s)
                 if anomaly_masks is not None:
@@ -207,7 +221,8 @@ class DSKD(DistillationModel):
                     if size not in resized:
                         resized[size] = F.interpolate(anomaly_masks, size=size, mode="area")[:, 0]
                     anomalous = resized[size]
-                    total = total + self.options.negative_weight * negative_similarity(distance, anomalous)
+                    if push:
+                        total = total + self.options.negative_weight * negative_similarity(distance, anomalous)
                     distance = distance * (anomalous == 0)
                 total = total + hardest_share_mean(distance, self.options.hard_share).mean()
                 if self.options.global_cosine:
