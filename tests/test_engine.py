@@ -236,7 +236,7 @@ def test_a_run_in_training_is_not_trained_by_a_second_process(tiny_category, tmp
     assert not lock_file(run).exists()
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+        [sys.executable, "-c", "import time; from pathlib import Path; "
          "from distillad.engine.resume import training_lock\n"
          f"with training_lock(Path({str(run)!r})):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)

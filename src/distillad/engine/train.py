@@ -335,15 +335,17 @@ def train_run(config: TrainConfig, data: CategorySplit, run_dir: str | Path, *, 
     the run is published.
     """
     dist = ddp.context_from_environment()
-    if not dist.enabled:
-        return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, SINGLE_PROCESS, None)
-    device, created = ddp.start(dist, resolve_device(config.device))
-    try:
-        if not dist.is_main:
-            progress, log = False, _silent
-        return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, dist, device)
-    finally:
-        ddp.stop(created)
+    with ExitStack() as held:   # the run folder's training lock, taken when the work folder is opened
+        if not dist.enabled:
+            return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, SINGLE_PROCESS, None,
+                              held)
+        device, created = ddp.start(dist, resolve_device(config.device))
+        try:
+            if not dist.is_main:
+                progress, log = False, _silent
+            return _train_run(config, data, Path(run_dir), progress, overwrite, resume, log, dist, device, held)
+        finally:
+            ddp.stop(created)
 
 
 def _silent(message: str) -> None:
@@ -352,8 +354,10 @@ def _silent(message: str) -> None:
 
 def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress: bool, overwrite: bool,
                resume: bool, log: Callable[[str], None], dist: DistributedContext,
-               rank_device: torch.device | None) -> TrainResult | None:
-    """`train_run` in one process (`dist` SINGLE_PROCESS) or as one rank on `rank_device` under torchrun."""
+               rank_device: torch.device | None, held: ExitStack) -> TrainResult | None:
+    """`train_run` in one process (`dist` SINGLE_PROCESS) or as one rank on `rank_device` under torchrun. The
+    process that opens the work folder (rank 0) first takes run_dir's training lock into `held`, so no other
+    process trains run_dir until the caller leaves `held`, after the run is published."""
 
     def preflight() -> tuple[torch.device, ImageDataset, ImageDataset]:
         check_output_folder(run_dir)
@@ -372,100 +376,92 @@ def _train_run(config: TrainConfig, data: CategorySplit, run_dir: Path, progress
         return device, train_set, val_set
 
     device, train_set, val_set = ddp.agree(dist, preflight) if dist.enabled else preflight()
-    # From here until the run is published, no other process may train run_dir (rank 0 holds the lock).
-    with ExitStack() as held:
-        def take_lock() -> None:
-            held.enter_context(training_lock(run_dir))
+    seed_everything(config.seed)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = build_model(config.method, config.backbone, config.options, pretrained=True,
+                        weights=config.weights).to(device, memory_format=memory_format)
+    # The world size is part of what a checkpoint must match: each rank's random state is saved in it.
+    settings = config.to_dict() if not dist.enabled else {**config.to_dict(), "world_size": dist.world_size}
+    identity = fingerprint(settings, [str(s.path) for s in data.train], [str(s.path) for s in data.val])
+    work = work_dir(run_dir)
 
-        if dist.enabled:
-            ddp.agree(dist, take_lock if dist.is_main else lambda: None)
-        else:
-            take_lock()
-        seed_everything(config.seed)
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        model = build_model(config.method, config.backbone, config.options, pretrained=True,
-                            weights=config.weights).to(device, memory_format=memory_format)
-        # The world size is part of what a checkpoint must match: each rank's random state is saved in it.
-        settings = config.to_dict() if not dist.enabled else {**config.to_dict(), "world_size": dist.world_size}
-        identity = fingerprint(settings, [str(s.path) for s in data.train], [str(s.path) for s in data.val])
-        work = work_dir(run_dir)
+    def open_work() -> Checkpoint | None:
+        held.enter_context(training_lock(run_dir))
+        check_free_space(run_dir.parent, model)
+        return open_work_dir(run_dir, identity, resume=resume, overwrite=overwrite, log=log)
 
-        def open_work() -> Checkpoint | None:
-            check_free_space(run_dir.parent, model)
-            return open_work_dir(run_dir, identity, resume=resume, overwrite=overwrite, log=log)
+    if dist.enabled:   # rank 0 owns the work folder; every rank continues from its checkpoint
+        checkpoint = ddp.broadcast_object(ddp.agree(dist, open_work if dist.is_main else lambda: None), dist)
+    else:
+        checkpoint = open_work()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
+    stages = model.training_stages()
+    log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
+        f"{len(val_set)} held out; {config.image_size}px, device {device}")
+    warning = calibration_warning(len(val_set), data.name) if len(val_set) else None
+    stage_reports: list[dict[str, Any]] = list(checkpoint.reports) if checkpoint is not None else []
+    for index, stage in enumerate(stages):
+        if index < len(stage_reports):
+            log(f"stage {index + 1} ({stage.name}) finished before the interruption")
+            continue
+        prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
+        # Rank 0 keeps the seed of one process; other ranks draw other (reproducible) random numbers.
+        seed_everything(ddp.rank_seed(config.seed + index, dist.rank))
+        resumed = checkpoint.progress if checkpoint is not None and checkpoint.stage == index else None
 
-        if dist.enabled:   # rank 0 owns the work folder; every rank continues from its checkpoint
-            checkpoint = ddp.broadcast_object(ddp.agree(dist, open_work if dist.is_main else lambda: None), dist)
-        else:
-            checkpoint = open_work()
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint.model)
-        stages = model.training_stages()
-        log(f"training {config.method} ({config.backbone} teacher) on {len(train_set)} images of {data.name}, "
-            f"{len(val_set)} held out; {config.image_size}px, device {device}")
-        warning = calibration_warning(len(val_set), data.name) if len(val_set) else None
-        stage_reports: list[dict[str, Any]] = list(checkpoint.reports) if checkpoint is not None else []
-        for index, stage in enumerate(stages):
-            if index < len(stage_reports):
-                log(f"stage {index + 1} ({stage.name}) finished before the interruption")
-                continue
-            prefix = f"stage {index + 1}/{len(stages)} ({stage.name}): " if len(stages) > 1 else ""
-            # Rank 0 keeps the seed of one process; other ranks draw other (reproducible) random numbers.
-            seed_everything(ddp.rank_seed(config.seed + index, dist.rank))
-            resumed = checkpoint.progress if checkpoint is not None and checkpoint.stage == index else None
+        def on_epoch(state: StageProgress, index: int = index) -> None:
+            if dist.is_main:
+                save_checkpoint(work, identity, model, index, state, stage_reports)
 
-            def on_epoch(state: StageProgress, index: int = index) -> None:
-                if dist.is_main:
-                    save_checkpoint(work, identity, model, index, state, stage_reports)
-
-            report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log,
-                                resumed=resumed, on_epoch=on_epoch, dist=dist, val_set=val_set)
-            stage_reports.append(report)
-            if stage.is_fit and dist.is_main:   # a fit stage has no epochs; checkpoint its result before calibration
-                save_checkpoint(work, identity, model, index + 1, StageProgress(0, [], 0.0), stage_reports)
-        train_seconds = sum(r["seconds"] for r in stage_reports)
-        if dist.enabled:
-            ddp.write_debug_record(model, dist, stage_reports[-1]["history"])
-            if not dist.is_main:   # rank 0 alone calibrates and publishes; wait until the run is there
-                ddp.barrier()
-                return None
-
-        model.eval()
-        if len(val_set) == 0:
-            warning = (f"{data.name}: no held-out defect-free images (val_fraction=0); calibrating on the training "
-                       "images, which makes the threshold optimistic")
-            calibration_set, calibration_source = train_set, "train"
-        else:
-            calibration_set, calibration_source = val_set, "validation"
-        if warning:
-            warnings.warn(warning, stacklevel=3)
-        history = stage_reports[-1]["history"]
-        # the last epoch of a distillation stage measured it already; a fit stage (PatchCore) did not
-        val_loss = history[-1].get("val_loss") if history else None
-        if val_loss is None:
-            val_loss = mean_loss(model, val_set, config.batch_size, device)
-        save_model(work, model)
-        # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
-        # comes after saving the trained weights).
-        scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
-        calibration, map_statistics, val_scores = fit_normal_statistics(
-            scorer, calibration_set, threshold=config.threshold(), batch_size=config.batch_size, device=device)
-        extra: dict[str, Any] = {
-            "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
-                     "val_files": [str(s.path) for s in data.val]},
-            "map_statistics": map_statistics,
-            "calibration_scores": [float(s) for s in val_scores],
-            "warnings": [warning] if warning else [],
-            "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
-                         "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
-                         "calibration_source": calibration_source, "history": history,
-                         "resumed": checkpoint is not None, "world_size": dist.world_size,
-                         "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
-        }
-        write_meta(work, model, config, calibration, extra)
-        publish_run(work, run_dir, (MODEL_FILE, META_FILE), META_FILE)
-        if dist.enabled:
+        report = _run_stage(stage, model, config, train_set, device, memory_format, progress, prefix, log,
+                            resumed=resumed, on_epoch=on_epoch, dist=dist, val_set=val_set)
+        stage_reports.append(report)
+        if stage.is_fit and dist.is_main:   # a fit stage has no epochs; checkpoint its result before calibration
+            save_checkpoint(work, identity, model, index + 1, StageProgress(0, [], 0.0), stage_reports)
+    train_seconds = sum(r["seconds"] for r in stage_reports)
+    if dist.enabled:
+        ddp.write_debug_record(model, dist, stage_reports[-1]["history"])
+        if not dist.is_main:   # rank 0 alone calibrates and publishes; wait until the run is there
             ddp.barrier()
-        log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
-            f"({calibration.describe(calibration_source)}); saved {run_dir}")
-        return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)
+            return None
+
+    model.eval()
+    if len(val_set) == 0:
+        warning = (f"{data.name}: no held-out defect-free images (val_fraction=0); calibrating on the training "
+                   "images, which makes the threshold optimistic")
+        calibration_set, calibration_source = train_set, "train"
+    else:
+        calibration_set, calibration_source = val_set, "validation"
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+    history = stage_reports[-1]["history"]
+    # the last epoch of a distillation stage measured it already; a fit stage (PatchCore) did not
+    val_loss = history[-1].get("val_loss") if history else None
+    if val_loss is None:
+        val_loss = mean_loss(model, val_set, config.batch_size, device)
+    save_model(work, model)
+    # Calibrate through the scorer test and predict use (BatchNorm folded: this changes `model` in place, so it
+    # comes after saving the trained weights).
+    scorer, _ = make_scorer(model, channels_last=config.channels_last, image_size=config.image_size)
+    calibration, map_statistics, val_scores = fit_normal_statistics(
+        scorer, calibration_set, threshold=config.threshold(), batch_size=config.batch_size, device=device)
+    extra: dict[str, Any] = {
+        "data": {"name": data.name, "n_train": len(train_set), "n_val": len(val_set),
+                 "val_files": [str(s.path) for s in data.val]},
+        "map_statistics": map_statistics,
+        "calibration_scores": [float(s) for s in val_scores],
+        "warnings": [warning] if warning else [],
+        "training": {"seconds": train_seconds, "epochs": stage_reports[-1]["epochs"],
+                     "final_train_loss": history[-1]["train_loss"], "val_loss": val_loss,
+                     "calibration_source": calibration_source, "history": history,
+                     "resumed": checkpoint is not None, "world_size": dist.world_size,
+                     "stages": [{k: v for k, v in r.items() if k != "history"} for r in stage_reports]},
+    }
+    write_meta(work, model, config, calibration, extra)
+    publish_run(work, run_dir, (MODEL_FILE, META_FILE), META_FILE)
+    if dist.enabled:
+        ddp.barrier()
+    log(f"trained in {train_seconds:.1f} s; validation loss {val_loss:.4f}; threshold {calibration.threshold:.4f} "
+        f"({calibration.describe(calibration_source)}); saved {run_dir}")
+    return TrainResult(run_dir=run_dir, model=model, calibration=calibration, seconds=train_seconds, history=history)
